@@ -1,0 +1,166 @@
+"""What an op rule sees: the node, its module, its argument values, and the space table."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from .reasons import Reason
+from .spaces import SpaceTable
+
+__all__ = ["BuildCtx", "RewriteCtx", "tensor_slots", "MISSING"]
+
+MISSING = object()
+
+
+def tensor_slots(value, path: tuple = ()):
+    """Yield ``(path, tensor)`` for every tensor inside a (nested) tuple/list value."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from tensor_slots(v, path + (i,))
+
+
+def _arg(node: torch.fx.Node, index: int, name: str | None, default):
+    if index is not None and index < len(node.args):
+        return node.args[index]
+    if name is not None and name in node.kwargs:
+        return node.kwargs[name]
+    if default is MISSING:
+        raise KeyError(f"{node.format_node()} has no argument {name or index}")
+    return default
+
+
+class BuildCtx:
+    """Context handed to ``OpRule.couple``."""
+
+    def __init__(self, table: SpaceTable, node: torch.fx.Node, module: nn.Module | None):
+        self.table = table
+        self.node = node
+        self.module = module
+        self.owner = node.target if node.op == "call_module" else ""
+
+    # -- arguments ------------------------------------------------------------------------
+    def arg(self, index: int | None, name: str | None = None, default=MISSING):
+        return _arg(self.node, index, name, default)
+
+    @staticmethod
+    def val(x):
+        """The (meta) value of an argument: a node's recorded value, or the constant itself."""
+        if isinstance(x, torch.fx.Node):
+            return x.meta.get("val")
+        return x
+
+    def is_tensor(self, x) -> bool:
+        return isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.Tensor)
+
+    def shape(self, x) -> tuple[int, ...]:
+        return tuple(self.val(x).shape)
+
+    def out_val(self, path: tuple = ()):
+        v = self.node.meta.get("val")
+        for p in path:
+            v = v[p]
+        return v
+
+    # -- spaces ---------------------------------------------------------------------------
+    def sp(self, x: torch.fx.Node, dim: int, path: tuple = ()) -> int:
+        v = x.meta["val"]
+        for p in path:
+            v = v[p]
+        nd = v.dim()
+        return self.table.tensor(x.name, path, dim % nd if nd else 0)
+
+    def out(self, dim: int, path: tuple = ()) -> int:
+        return self.sp(self.node, dim, path)
+
+    def p(self, name: str, dim: int) -> int:
+        """Space of dimension ``dim`` of parameter/buffer ``name`` (dotted for submodules) of this node's module."""
+        sub, _, leaf = name.rpartition(".")
+        mod = self.module.get_submodule(sub) if sub else self.module
+        tensor = getattr(mod, leaf, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise KeyError(f"{self.owner} has no tensor {name}")
+        owner = f"{self.owner}.{sub}" if sub else self.owner
+        return self.table.param(owner, leaf, dim % tensor.dim(), tensor.shape[dim])
+
+    def has(self, name: str) -> bool:
+        if self.module is None:
+            return False
+        sub, _, leaf = name.rpartition(".")
+        mod = self.module.get_submodule(sub) if sub else self.module
+        return isinstance(getattr(mod, leaf, None), torch.Tensor)
+
+    # -- coupling shortcuts ---------------------------------------------------------------
+    def identity(self, a: int, b: int) -> None:
+        self.table.identity(a, b)
+
+    def same_dims(self, x: torch.fx.Node, dims=None, path: tuple = (), out_path: tuple = ()) -> None:
+        """Couple dims of input ``x`` with the same dims of the output where sizes agree."""
+        v = x.meta["val"]
+        for p in path:
+            v = v[p]
+        o = self.out_val(out_path)
+        if v.dim() != o.dim():
+            return
+        for d in range(v.dim()) if dims is None else dims:
+            if v.shape[d] == o.shape[d]:
+                self.table.identity(self.sp(x, d, path), self.out(d, out_path))
+
+    def stop(self, sid: int, reason: Reason, detail: str = "") -> None:
+        self.table.stop(sid, reason, detail)
+
+    def cross(self, sid: int, detail: str) -> None:
+        self.table.mark_cross_channel(sid, detail)
+
+    def describe(self) -> str:
+        if self.node.op == "call_module":
+            return f"{type(self.module).__name__} ({self.node.target})"
+        target = self.node.target
+        return f"{getattr(target, '__name__', target)} ({self.node.name})"
+
+
+class RewriteCtx:
+    """Context handed to ``OpRule.rewrite`` / ``OpRule.fix``: sizes after pruning."""
+
+    def __init__(self, graph, old_node: torch.fx.Node, new_node: torch.fx.Node, removed: np.ndarray):
+        self.graph = graph  # DependencyGraph
+        self.old = old_node
+        self.node = new_node
+        self._removed = removed
+
+    def kept(self, x: torch.fx.Node | str, dim: int, path: tuple = ()) -> np.ndarray:
+        """Boolean mask of the entries of ``x``'s dim that survive."""
+        name = x if isinstance(x, str) else x.name
+        table = self.graph.table
+        v = self.graph.gm_node(name).meta["val"]
+        for p in path:
+            v = v[p]
+        sid = table.tensor(name, path, dim % max(v.dim(), 1))
+        s = table.spaces[sid]
+        return ~self._removed[self.graph.atom_comp[s.offset : s.offset + s.size]]
+
+    def new_size(self, x: torch.fx.Node | str, dim: int, path: tuple = ()) -> int:
+        return int(self.kept(x, dim, path).sum())
+
+    def old_arg(self, index: int | None, name: str | None = None, default=MISSING):
+        return _arg(self.old, index, name, default)
+
+    def set_arg(self, index: int | None, name: str | None, value) -> None:
+        if index is not None and index < len(self.node.args):
+            args = list(self.node.args)
+            args[index] = value
+            self.node.args = tuple(args)
+        elif name is not None:
+            kwargs = dict(self.node.kwargs)
+            kwargs[name] = value
+            self.node.kwargs = kwargs
+        else:
+            raise KeyError(index)
+
+    def in_node(self, x):
+        """The old-graph node that corresponds to an argument (for size look-ups)."""
+        return x

@@ -1,0 +1,101 @@
+"""The one registry of op rules, keyed by module type, function object or tensor-method name.
+
+A rule has up to three parts:
+
+* ``couple(ctx)``: adds couplings/stops between the spaces of the node's inputs, outputs and (for
+  modules) parameters. Spaces of the node that the rule leaves untouched are stopped afterwards, so a
+  rule that forgets a dimension makes pruning less aggressive, never wrong.
+* ``rewrite(ctx)``: after pruning, fixes constants in the node's arguments (reshape sizes, split
+  sizes, normalized shapes, ...).
+* ``fix(module, ctx)``: after a module's parameters were sliced, updates its size attributes
+  (``in_channels``, ``num_features``, ...).
+
+An op with no rule stops every space it touches (reason ``UNSUPPORTED_OP``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.fx
+from torch import nn
+
+__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup", "registered_rules"]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    name: str
+    couple: Callable
+    rewrite: Callable | None = None
+    fix: Callable | None = None
+
+
+_MODULES: dict[type, OpRule] = {}
+_FUNCTIONS: dict[object, OpRule] = {}
+_METHODS: dict[str, OpRule] = {}
+
+
+def _register(table: dict, keys, rule: OpRule) -> None:
+    for key in keys:
+        if key in table:
+            raise ValueError(f"an op rule for {key!r} is already registered ({table[key].name})")
+        table[key] = rule
+
+
+def module_rule(*types: type[nn.Module], rewrite=None, fix=None):
+    """Register ``couple`` for module types (subclasses match through the MRO)."""
+
+    def deco(couple):
+        _register(_MODULES, types, OpRule(couple.__name__, couple, rewrite, fix))
+        return couple
+
+    return deco
+
+
+def function_rule(*functions, rewrite=None):
+    """Register ``couple`` for ``call_function`` targets (the function objects themselves)."""
+
+    def deco(couple):
+        _register(_FUNCTIONS, functions, OpRule(couple.__name__, couple, rewrite))
+        return couple
+
+    return deco
+
+
+def method_rule(*names: str, rewrite=None):
+    """Register ``couple`` for ``call_method`` targets (tensor method names)."""
+
+    def deco(couple):
+        _register(_METHODS, names, OpRule(couple.__name__, couple, rewrite))
+        return couple
+
+    return deco
+
+
+def lookup(node: torch.fx.Node, module: nn.Module | None = None) -> OpRule | None:
+    """The rule for a node, or None when the op is unknown."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            rule = _MODULES.get(cls)
+            if rule is not None:
+                return rule
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTIONS.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+def registered_rules() -> dict[str, list[str]]:
+    """Names of everything with a rule, for docs and ``surgery graph --rules``."""
+    return {
+        "modules": sorted(t.__name__ for t in _MODULES),
+        "functions": sorted(getattr(f, "__name__", repr(f)) for f in _FUNCTIONS),
+        "methods": sorted(_METHODS),
+    }

@@ -1,0 +1,127 @@
+"""Reductions, softmax, matrix products and einsum."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import BuildCtx
+from ._registry import function_rule, method_rule, module_rule
+from .common import normalize_dims
+
+
+@function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm)
+@method_rule("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm")
+def reduction(ctx: BuildCtx) -> None:
+    """Non-reduced dims pass through; reduced dims are consumed (stopped)."""
+    x = ctx.node.args[0]
+    if not ctx.is_tensor(x) or not isinstance(ctx.out_val(), torch.Tensor):
+        return
+    nd = ctx.val(x).dim()
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    dim_pos = 2 if name == "norm" else 1
+    dims = ctx.arg(dim_pos, "dim", None)
+    if isinstance(dims, torch.fx.Node):
+        return
+    reduced = set(normalize_dims(dims, nd)) if nd else set()
+    keep = ctx.out_val().dim() == nd
+    o = 0
+    for d in range(nd):
+        if d in reduced:
+            o += keep
+            continue
+        ctx.identity(ctx.sp(x, d), ctx.out(o))
+        o += 1
+
+
+@function_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+@method_rule("softmax", "log_softmax")
+@module_rule(nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
+def softmax(ctx: BuildCtx) -> None:
+    x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs["input"]
+    if not ctx.is_tensor(x):
+        return
+    ctx.same_dims(x)
+    nd = ctx.val(x).dim()
+    if ctx.module is not None:
+        dim = -3 if isinstance(ctx.module, nn.Softmax2d) else ctx.module.dim
+    else:
+        dim = ctx.arg(1, "dim", None)
+    if dim is None or not isinstance(dim, int):
+        return
+    ctx.cross(ctx.out(dim % nd), "softmax over the dim")
+
+
+def _couple_matmul(ctx: BuildCtx, a, b) -> None:
+    va, vb, out = ctx.val(a), ctx.val(b), ctx.out_val()
+    if va.dim() < 2 or vb.dim() < 2:
+        return  # vector products: stopped
+    ctx.identity(ctx.sp(a, -1), ctx.sp(b, -2))  # contracted: removed from both operands together
+    ctx.identity(ctx.sp(a, -2), ctx.out(-2))
+    ctx.identity(ctx.sp(b, -1), ctx.out(-1))
+    for v, x in ((va, a), (vb, b)):
+        off = out.dim() - v.dim()
+        for d in range(v.dim() - 2):
+            if v.shape[d] == out.shape[off + d]:
+                ctx.identity(ctx.sp(x, d), ctx.out(off + d))
+
+
+@function_rule(torch.matmul, operator.matmul, torch.bmm, torch.mm)
+@method_rule("matmul", "bmm", "mm")
+def matmul(ctx: BuildCtx) -> None:
+    a, b = ctx.node.args[0], ctx.node.args[1]
+    if ctx.is_tensor(a) and ctx.is_tensor(b):
+        _couple_matmul(ctx, a, b)
+
+
+@function_rule(torch.einsum)
+def einsum(ctx: BuildCtx) -> None:
+    eq = ctx.node.args[0]
+    ops = ctx.node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    if not isinstance(eq, str) or "..." in eq or not all(ctx.is_tensor(o) for o in ops):
+        return
+    eq = eq.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops):
+        return
+    first: dict[str, int] = {}
+    for term, op in zip(terms, ops):
+        shape = ctx.shape(op)
+        for d, letter in enumerate(term):
+            sid = ctx.sp(op, d)
+            if shape[d] == 1:
+                continue
+            if letter in first:
+                ctx.identity(first[letter], sid)
+            else:
+                first[letter] = sid
+    if rhs:
+        out_shape = tuple(ctx.out_val().shape)
+        for d, letter in enumerate(rhs):
+            if letter in first and out_shape[d] != 1:
+                ctx.identity(first[letter], ctx.out(d))
+
+
+@function_rule(F.scaled_dot_product_attention)
+def sdpa(ctx: BuildCtx) -> None:
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    if not all(ctx.is_tensor(t) for t in (q, k, v)) or ctx.arg(3, "attn_mask", None) is not None:
+        return
+    out = ctx.out_val()
+    ctx.identity(ctx.sp(q, -1), ctx.sp(k, -1))
+    ctx.identity(ctx.sp(k, -2), ctx.sp(v, -2))
+    ctx.identity(ctx.sp(q, -2), ctx.out(-2))
+    ctx.identity(ctx.sp(v, -1), ctx.out(-1))
+    if ctx.arg(6, "scale", None) is None:
+        ctx.cross(ctx.sp(q, -1), "attention scale 1/sqrt(head dim)")
+    for t in (q, k, v):
+        shape = ctx.shape(t)
+        for d in range(len(shape) - 2):
+            if shape[d] == out.shape[d]:
+                ctx.identity(ctx.sp(t, d), ctx.out(d))
