@@ -1,7 +1,21 @@
-"""surgery: structured pruning and graph surgery for PyTorch."""
+"""surgery: structured pruning and graph surgery for PyTorch.
+
+>>> import torch, surgery
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+>>> surgery.methods()
+['l1', 'l2', 'random']
+"""
 
 from .dependency_graph import DependencyGraph, Group, Member, Reason, trace
 from .errors import SurgeryError
+from .methods import list_methods as methods
+from .methods import register_method
+from .pipeline import prune
+from .plan import Plan, plan
+from .rewrite import apply
 
-__all__ = ["DependencyGraph", "Group", "Member", "Reason", "SurgeryError", "trace"]
+__all__ = [
+    "DependencyGraph", "Group", "Member", "Plan", "Reason", "SurgeryError",
+    "apply", "methods", "plan", "prune", "register_method", "trace",
+]
 __version__ = "0.1.0"
