@@ -13,9 +13,10 @@ from .methods import register_method
 from .pipeline import prune
 from .plan import Plan, plan
 from .rewrite import apply
+from .stats import ModelStats, stats
 
 __all__ = [
-    "DependencyGraph", "Group", "Member", "Plan", "Reason", "SurgeryError",
-    "apply", "methods", "plan", "prune", "register_method", "trace",
+    "DependencyGraph", "Group", "Member", "ModelStats", "Plan", "Reason", "SurgeryError",
+    "apply", "methods", "plan", "prune", "register_method", "stats", "trace",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Model statistics: parameter count, MACs of one forward pass, and optional CPU latency.
+
+MACs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` while the forward runs on
+fake tensors (:class:`torch._subclasses.fake_tensor.FakeTensorMode`), so a 100-GFLOP model is
+measured without doing 100 GFLOPs of work. The model passed in is never mutated: its parameters
+stay where they are and every module's training flag is restored.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import TraceError
+
+__all__ = ["ModelStats", "stats"]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Size and cost of a model: ``params`` elements, ``macs`` per forward, ``latency_ms`` if timed."""
+
+    params: int
+    macs: int
+    latency_ms: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        text = f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.2f} GMACs"
+        if self.latency_ms is not None:
+            text += f", {self.latency_ms:.2f} ms"
+        return text
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TraceError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, restoring each module's own training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _count_macs(model: nn.Module, inputs: tuple) -> int:
+    """MACs of one forward pass on fake copies of the model's tensors; real run only as a fallback."""
+    counter = FlopCounterMode(display=False)
+    try:
+        # Fake mode fails on data-dependent shapes (nonzero, .item() control flow): the fallback runs for real.
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+                       **dict(model.named_buffers(remove_duplicate=False))}
+            fake_state = {name: mode.from_tensor(t) for name, t in tensors.items()}
+            fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+            with torch.no_grad(), counter:
+                functional_call(model, fake_state, fake_inputs)
+    except Exception:
+        counter = FlopCounterMode(display=False)
+        try:
+            with torch.no_grad(), counter:
+                model(*inputs)
+        except Exception as exc:
+            raise TraceError(f"model does not run on these inputs: {_one_line(exc)}") from exc
+    return int(counter.get_total_flops()) // 2  # FlopCounterMode counts one MAC as two FLOPs
+
+
+def _latency_ms(model: nn.Module, inputs: tuple, runs: int) -> float:
+    times = []
+    with torch.inference_mode():
+        for i in range(2 + runs):
+            start = time.perf_counter()
+            model(*inputs)
+            if i >= 2:
+                times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+
+
+def stats(model: nn.Module, example_inputs: Any, latency: bool = False, runs: int = 10) -> ModelStats:
+    """Count parameters and MACs of ``model`` on ``example_inputs`` (optionally time it on CPU).
+
+    ``example_inputs`` is a tensor or a tuple of tensors. MACs come from a forward pass on fake
+    tensors, in eval mode. With ``latency=True`` the model is run for real: the median of ``runs``
+    timed passes after two warm-up passes, in eval mode under ``torch.inference_mode()``.
+
+    >>> import torch, surgery.stats
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
+    >>> s = surgery.stats.stats(net, torch.randn(1, 3, 4, 4))
+    >>> (s.params, s.macs)
+    (1514, 4736)
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    inputs = _as_tuple(example_inputs)
+    params = sum(p.numel() for p in model.parameters())
+    with _eval_mode(model):
+        macs = _count_macs(model, inputs)
+        latency_ms = None
+        if latency:
+            try:
+                latency_ms = _latency_ms(model, inputs, runs)
+            except Exception as exc:
+                raise TraceError(f"model does not run on these inputs: {_one_line(exc)}") from exc
+    return ModelStats(params=params, macs=macs, latency_ms=latency_ms)
