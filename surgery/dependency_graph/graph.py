@@ -6,6 +6,7 @@ Building is one pass over the fx nodes (each op rule adds numpy couplings), then
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -35,6 +36,16 @@ def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _slot_spaces(table: SpaceTable, node: torch.fx.Node) -> list[int]:
     return [table.tensor(node.name, path, d) for path, t in tensor_slots(node.meta.get("val")) for d in range(t.dim())]
+
+
+def _read_spaces(table: SpaceTable, node: torch.fx.Node, arg: torch.fx.Node) -> list[int]:
+    """Spaces of ``arg`` that ``node`` reads: only the selected element for ``tuple_value[i]``."""
+    if node.target is operator.getitem and node.args[0] is arg and isinstance(node.args[1], int):
+        value = arg.meta.get("val")
+        if isinstance(value, (tuple, list)):
+            i = node.args[1]
+            return [table.tensor(arg.name, (i,) + p, d) for p, t in tensor_slots(value[i]) for d in range(t.dim())]
+    return _slot_spaces(table, arg)
 
 
 def _register_outputs(table: SpaceTable, node: torch.fx.Node) -> None:
@@ -68,7 +79,7 @@ def _couple_node(table: SpaceTable, gm: torch.fx.GraphModule, node: torch.fx.Nod
         return
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     rule = lookup(node, module)
-    ins = [sid for arg in _input_nodes(node) for sid in _slot_spaces(table, arg)]
+    ins = [sid for arg in _input_nodes(node) for sid in _read_spaces(table, node, arg)]
     outs = _slot_spaces(table, node)
     if rule is None:
         what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))

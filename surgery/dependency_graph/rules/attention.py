@@ -17,7 +17,10 @@ from ._registry import function_rule, module_rule
 
 
 def _weights_used(ctx: BuildCtx) -> bool:
-    return any(u.target is operator.getitem and u.args[1] == 1 for u in ctx.node.users)
+    """Whether the attention weights (a per-head tensor unless need_weights=False) reach any op."""
+    if ctx.arg(4, "need_weights", True) is False:
+        return False
+    return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in ctx.node.users)
 
 
 def _fix_mha(m: nn.MultiheadAttention, ctx: RewriteCtx) -> None:

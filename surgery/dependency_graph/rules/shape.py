@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..context import BuildCtx, RewriteCtx
+from ..context import BuildCtx, RewriteCtx, tensor_slots
 from ._registry import function_rule, method_rule, module_rule
 from .common import couple_reshape, normalize_dims
 
@@ -339,9 +339,10 @@ def getitem(ctx: BuildCtx) -> None:
     src, index = ctx.node.args[0], ctx.node.args[1]
     value = ctx.val(src)
     if isinstance(value, (tuple, list)):
-        if isinstance(index, int) and isinstance(ctx.out_val(), torch.Tensor):
-            for d in range(ctx.out_val().dim()):
-                ctx.identity(ctx.sp(src, d, (index,)), ctx.out(d))
+        if isinstance(index, int):
+            for path, t in tensor_slots(ctx.out_val()):
+                for d in range(t.dim()):
+                    ctx.identity(ctx.sp(src, d, (index,) + path), ctx.out(d, path))
         return
     if not isinstance(value, torch.Tensor):
         return

@@ -1,0 +1,278 @@
+"""Dense (and CSR) checkpoints: one safetensors file that reloads without source code or pickle.
+
+Format (``format_version`` 1): a single `safetensors <https://github.com/huggingface/safetensors>`_
+file. Its string metadata holds
+
+* ``"format"``: ``"surgery.dense"`` or ``"surgery.csr"``, ``"format_version"``: ``"1"``;
+* ``"model"``: JSON of the fx graph and the module tree (see :mod:`surgery._graph_codec`) plus a
+  ``"tensors"`` table saying how each stored tensor is laid out (dense, or CSR components);
+* ``"metadata"``: JSON of the caller's metadata (source model, method, plan, before/after stats).
+
+Loading needs only ``torch`` and ``safetensors``: module classes are looked up in ``torch.nn`` (and
+``torchvision.ops`` if the model uses them), graph functions in an allow-list; nothing is unpickled.
+Writes are atomic: a temporary file in the target directory, then ``os.replace``.
+
+Examples
+--------
+>>> import torch, tempfile, os, surgery.checkpoint as ckpt
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+>>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
+>>> ckpt.save(net, path, metadata={"method": "l1"})
+>>> back = ckpt.load(path)
+>>> x = torch.randn(1, 3, 8, 8)
+>>> torch.equal(back(x), net(x)), ckpt.read_metadata(path)["method"]
+(True, 'l1')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.fx
+from torch import nn
+
+from . import _graph_codec as codec
+from .errors import ModelLoadError, SurgeryError
+
+__all__ = ["FORMATS", "save", "load", "read_metadata", "is_checkpoint", "atomic_write"]
+
+FORMATS = ("dense", "csr")
+FORMAT_VERSION = "1"
+_MAX_HEADER = 512 * 1024 * 1024
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+def atomic_write(path, data: bytes | str | Callable[[str], None]) -> None:
+    """Write ``data`` (bytes, text, or a function writing a given path) to ``path`` atomically.
+
+    The content goes to a temporary file in the same directory, which replaces ``path`` only once it
+    is complete; on any failure (including ``KeyboardInterrupt``) the temporary file is removed.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SurgeryError(f"cannot write {path}: directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise SurgeryError(f"cannot write {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as exc:
+        raise SurgeryError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(tmp)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise SurgeryError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+# -- tensors ------------------------------------------------------------------------------------
+class _TensorStore:
+    """Collects tensors under unique keys; a tensor object seen twice is stored once."""
+
+    def __init__(self, layout: str):
+        self.layout = layout
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.table: dict[str, dict] = {}
+        self._by_id: dict[int, str] = {}
+        self._storages: set[int] = set()
+
+    def add(self, t: torch.Tensor, key: str) -> str:
+        if id(t) in self._by_id:
+            return self._by_id[id(t)]
+        if t.device.type == "meta" or t.is_sparse or t.is_quantized:
+            raise SurgeryError(f"cannot store tensor {key!r}: {t.device.type if t.device.type == 'meta' else t.layout} tensors are not supported")
+        key = key.replace("::", "__")
+        while key in self.table:
+            key += "_"
+        self._by_id[id(t)] = key
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if not t.is_contiguous() or (ptr is not None and ptr in self._storages) or t.numel() != t.untyped_storage().nbytes() // max(1, t.element_size()):
+            t = t.contiguous().clone()
+        if ptr is not None:
+            self._storages.add(ptr)
+        if self.layout == "csr" and t.dim() >= 2 and t.is_floating_point() and t.numel() > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                sp = t.reshape(t.shape[0], -1).to_sparse_csr()
+            self.tensors[f"{key}::crow"] = sp.crow_indices()
+            self.tensors[f"{key}::col"] = sp.col_indices()
+            self.tensors[f"{key}::values"] = sp.values()
+            self.table[key] = {"layout": "csr", "shape": list(t.shape)}
+        else:
+            self.tensors[key] = t
+            self.table[key] = {"layout": "dense"}
+        return key
+
+
+def _decode_tensors(table: dict, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, info in table.items():
+        if info.get("layout") == "csr":
+            shape = [int(s) for s in info["shape"]]
+            rows = shape[0]
+            cols = 1
+            for s in shape[1:]:
+                cols *= s
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sp = torch.sparse_csr_tensor(raw[f"{key}::crow"], raw[f"{key}::col"], raw[f"{key}::values"], size=(rows, cols))
+                out[key] = sp.to_dense().reshape(shape)
+        else:
+            out[key] = raw[key].clone()  # a fresh, aligned allocation: kernels then match the saved model bit for bit
+    return out
+
+
+# -- save ---------------------------------------------------------------------------------------
+def _as_graph_module(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    from .dependency_graph.tracing import DEFAULT_LEAF_MODULES, trace_module
+
+    if example_inputs is not None:
+        return trace_module(model, example_inputs)
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, DEFAULT_LEAF_MODULES) or super().is_leaf_module(m, qualname)
+
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SurgeryError(f"cannot save {type(model).__name__}: torch.fx cannot trace it ({first})") from None
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = None, *, example_inputs=None) -> None:
+    """Save ``model`` as one self-describing file at ``path`` (atomically).
+
+    ``model`` is a ``torch.fx.GraphModule`` (what :func:`surgery.apply` returns) or any module that
+    ``torch.fx`` can trace (``example_inputs``, when given, are used to trace and check it).
+    ``format="csr"`` stores every floating tensor of two or more dimensions as CSR components,
+    which is smaller for unstructured-sparse weights; both formats load back to the same dense model.
+    ``metadata`` must be JSON-serialisable; :func:`read_metadata` returns it.
+    """
+    if format not in FORMATS:
+        raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
+    gm = _as_graph_module(model, example_inputs)
+    store = _TensorStore(format)
+    spec = {"graph": codec.graph_to_data(gm), "modules": codec.modules_to_data(gm, store.add)}
+    spec["tensors"] = store.table
+    try:
+        meta_json = json.dumps(metadata or {})
+    except (TypeError, ValueError) as exc:
+        raise SurgeryError(f"checkpoint metadata is not JSON-serialisable: {exc}") from None
+    header = {"format": f"surgery.{format}", "format_version": FORMAT_VERSION, "model": json.dumps(spec),
+              "metadata": meta_json}
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(store.tensors, tmp, metadata=header))
+
+
+# -- load ---------------------------------------------------------------------------------------
+def _header(path: str) -> dict | None:
+    """The safetensors JSON header of ``path``, or ``None`` if the file is not safetensors."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
+            if len(head) < 9 or head[8:9] != b"{":
+                return None
+            (n,) = struct.unpack("<Q", head[:8])
+            if n > min(size - 8, _MAX_HEADER):
+                return None
+            f.seek(8)
+            return json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a surgery checkpoint (checks the header only)."""
+    header = _header(os.fspath(path))
+    meta = (header or {}).get("__metadata__") or {}
+    return isinstance(meta, dict) and str(meta.get("format", "")).startswith("surgery.")
+
+
+def _read_header_meta(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    if not is_checkpoint(path):
+        raise ModelLoadError(f"{path}: not a surgery checkpoint")
+    meta = _header(path)["__metadata__"]
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("format") not in ("surgery.dense", "surgery.csr"):
+        raise ModelLoadError(f"{path}: unsupported checkpoint format {meta.get('format')} v{meta.get('format_version')}")
+    return meta
+
+
+def read_metadata(path) -> dict:
+    """The metadata dict stored by :func:`save` (reads the header only, builds no model)."""
+    path = os.fspath(path)
+    try:
+        return json.loads(_read_header_meta(path).get("metadata") or "{}")
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: checkpoint metadata is corrupt ({exc})") from None
+
+
+def load(path) -> torch.fx.GraphModule:
+    """Rebuild the model saved at ``path``; its metadata is in ``module.meta["surgery"]``.
+
+    Raises :class:`~surgery.errors.ModelLoadError` for a missing, truncated or corrupt file, or one
+    that names a module class or function outside the allow-list.
+    """
+    path = os.fspath(path)
+    meta = _read_header_meta(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        spec = json.loads(meta["model"])
+        metadata = json.loads(meta.get("metadata") or "{}")
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: checkpoint header is corrupt ({exc})") from None
+    try:
+        raw = load_file(path)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: truncated or corrupt checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    try:
+        tensors = _decode_tensors(spec["tensors"], raw)
+        root, tensor_names = codec.data_to_modules(spec["modules"], tensors)
+        module_paths = {p for p, _ in root.named_modules(remove_duplicate=False) if p}
+        graph = codec.data_to_graph(spec["graph"], tensor_names, module_paths)
+        name = str(spec["graph"].get("class_name", "GraphModule"))
+        gm = torch.fx.GraphModule(root, graph, name if name.isidentifier() else "GraphModule")
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    except Exception as exc:  # a hand-crafted header can fail anywhere; report it in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {first})") from None
+    gm.training = root.training
+    gm.meta["surgery"] = metadata
+    if isinstance(metadata, dict) and isinstance(metadata.get("plan"), dict):
+        gm.meta["surgery_plan"] = metadata["plan"]
+    return gm
