@@ -119,9 +119,7 @@ class DependencyGraph:
     def _solve(self) -> None:
         t = self.table
         n = t.n_atoms
-        a, b = t.edges()
-        adj = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n))
-        ncomp, atom_comp = connected_components(adj, directed=False)
+        ncomp, atom_comp = self._components()
         sizes = np.array([s.size for s in t.spaces], dtype=np.int64)
         atom_space = np.repeat(np.arange(len(t.spaces)), sizes)
 
@@ -181,8 +179,6 @@ class DependencyGraph:
         for g, s in zip((gs // len(t.spaces)).tolist(), (gs % len(t.spaces)).tolist()):
             group_spaces[g].append(s)
         self.groups: list[Group] = []
-        for g in range(uniq_sig.size):
-            members_comps = ordered[gids_sorted == g] if False else None  # noqa: F841 (kept simple below)
         counts = np.bincount(comp_group[comp_group >= 0], minlength=uniq_sig.size)
         any_comp = np.full(uniq_sig.size, -1)
         any_comp[comp_group[ordered]] = ordered
@@ -201,6 +197,34 @@ class DependencyGraph:
             )
             if reason is None and counts[g] <= 1:
                 self.groups[-1].reason_detail = "a single channel"
+
+    def _components(self) -> tuple[int, np.ndarray]:
+        """Connected components of the atom couplings, honouring size constraints.
+
+        A size constraint (``y.view(..., x.size(1))``) holds when both spaces hold the same units;
+        when it does not, the two spaces are coupled index by index and the solve repeats.
+        """
+        t = self.table
+        n = t.n_atoms
+        a, b = t.edges()
+        extra_a, extra_b = [a], [b]
+        pending = list(t.size_constraints)
+        while True:
+            ea, eb = np.concatenate(extra_a), np.concatenate(extra_b)
+            adj = coo_matrix((np.ones(ea.size, dtype=np.int8), (ea, eb)), shape=(n, n))
+            ncomp, comp = connected_components(adj, directed=False)
+            comp = comp.astype(np.int64)  # int32 labels overflow in the signature keys
+            unmet = []
+            for sa, sb in pending:
+                ca, cb = comp[self._atoms(sa)], comp[self._atoms(sb)]
+                if not np.array_equal(np.sort(ca), np.sort(cb)):
+                    unmet.append((sa, sb))
+            if not unmet:
+                return ncomp, comp
+            for sa, sb in unmet:
+                extra_a.append(self._atoms(sa))
+                extra_b.append(self._atoms(sb))
+            pending = [c for c in pending if c not in unmet]
 
     def _atoms(self, sid: int) -> np.ndarray:
         s = self.table.spaces[sid]

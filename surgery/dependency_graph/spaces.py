@@ -52,7 +52,11 @@ class SpaceTable:
         self.stops: dict[int, tuple[Reason, str]] = {}
         self.cross: dict[int, str] = {}
         self.touched: set[int] = set()
-        self.fed: list[bool] = []  # space reaches a parameter through couplings made so far
+        self.fed: list[bool] = []
+        #: node name -> the space an int (or tuple of ints) was read from, e.g. ``x.size(1)``
+        self.int_source: dict[str, object] = {}
+        #: pairs of spaces whose kept counts must agree (a dim sized by another tensor's size)
+        self.size_constraints: list[tuple[int, int]] = []  # space reaches a parameter through couplings made so far
 
     # -- creation ---------------------------------------------------------------------------
     def _new(self, size: int, kind: str, node: str, path: tuple, dim: int, param: str = "") -> int:

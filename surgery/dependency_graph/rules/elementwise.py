@@ -74,10 +74,26 @@ def prelu(ctx: BuildCtx) -> None:
 @function_rule(torch._assert)
 @method_rule("size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous")
 def shape_reader(ctx: BuildCtx) -> None:
-    """Reads sizes at run time (always the new ones after pruning): couples and stops nothing."""
+    """Reads sizes at run time (always the new ones after pruning): couples and stops nothing.
+
+    ``x.size()``, ``x.size(d)`` and ``x.shape`` remember which space each int came from, so a
+    reshape that uses the int couples its output dim with that space.
+    """
     for x in tensor_args(ctx):
         for d in range(x.meta["val"].dim()):
             ctx.table.touch(ctx.sp(x, d))
+    node = ctx.node
+    x = node.args[0] if node.args else None
+    if not ctx.is_tensor(x):
+        return
+    nd = ctx.val(x).dim()
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name == "size" or (name == "getattr" and node.args[1] == "shape"):
+        dim = ctx.arg(1, "dim", None) if name == "size" else None
+        if isinstance(dim, int):
+            ctx.table.int_source[node.name] = ctx.sp(x, dim)
+        elif dim is None:
+            ctx.table.int_source[node.name] = tuple(ctx.sp(x, d) for d in range(nd))
 
 
 @function_rule(getattr)

@@ -46,6 +46,26 @@ def _rewrite_shape(ctx: RewriteCtx) -> None:
         ctx.node.args = tuple(args[:1] + _new_shape_values(ctx, args[1:]))
 
 
+def _shape_values(node: torch.fx.Node) -> list:
+    start, packed = _shape_arg_span(node)
+    if start == -1:
+        return list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+    return list(node.args[1]) if packed else list(node.args[1:])
+
+
+def couple_size_reads(ctx: BuildCtx, values: list) -> None:
+    """An output dim sized by ``y.size(d)`` must keep as many entries as ``y``'s dim ``d`` (checked in the solve)."""
+    out = ctx.out_val()
+    if len(values) != out.dim():
+        return
+    for d, v in enumerate(values):
+        if isinstance(v, torch.fx.Node):
+            src = ctx.table.int_source.get(v.name)
+            if isinstance(src, int) and ctx.table.spaces[src].size == out.shape[d]:
+                ctx.table.size_constraints.append((src, ctx.out(d)))
+                ctx.table.touch(ctx.out(d))
+
+
 @function_rule(torch.reshape, rewrite=_rewrite_shape)
 @method_rule("view", "reshape", rewrite=_rewrite_shape)
 def reshape(ctx: BuildCtx) -> None:
@@ -54,6 +74,7 @@ def reshape(ctx: BuildCtx) -> None:
         if len(ctx.node.args) == 2 and isinstance(ctx.node.args[1], torch.dtype):
             return  # view(dtype): reinterpretation, stopped
         couple_reshape(ctx, x, ctx.shape(x), tuple(ctx.out_val().shape))
+        couple_size_reads(ctx, _shape_values(ctx.node))
 
 
 @function_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel)
@@ -338,6 +359,10 @@ def _item_position(index, plan_pos: int, nd: int) -> int | None:
 def getitem(ctx: BuildCtx) -> None:
     src, index = ctx.node.args[0], ctx.node.args[1]
     value = ctx.val(src)
+    ints = ctx.table.int_source.get(src.name) if isinstance(src, torch.fx.Node) else None
+    if isinstance(ints, tuple) and isinstance(index, int):
+        ctx.table.int_source[ctx.node.name] = ints[index]
+        return
     if isinstance(value, (tuple, list)):
         if isinstance(index, int):
             for path, t in tensor_slots(ctx.out_val()):
@@ -378,6 +403,7 @@ def expand(ctx: BuildCtx) -> None:
     for d in range(v.dim()):
         if v.shape[d] == out.shape[off + d]:
             ctx.identity(ctx.sp(x, d), ctx.out(off + d))
+    couple_size_reads(ctx, _shape_values(ctx.node))
 
 
 @method_rule("expand_as")

@@ -1,0 +1,295 @@
+"""The ``surgery`` command line: parse, call one API function, print with rich.
+
+    surgery prune MODEL --method l1 --ratio 0.5 [--global] [--layer-ratio NAME=R ...] [--out F]
+                  [--format dense|csr] [--plan-out plan.json] [--plan plan.json]
+    surgery graph MODEL [--format text|json|dot|graphml|png] [--out F]
+    surgery stats MODEL [--latency]
+    surgery methods
+
+Every command takes ``--input-shape 1,3,224,224``, ``--trust``, ``--weights F``, ``--leaf NAME``
+(where it loads a model) and ``--debug``. Errors print one red line on stderr and exit 1 (usage
+errors exit 2); ``--debug`` shows the traceback. Output files are written atomically, after all the
+work succeeded, and never over the input model.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import _graph_export as graph_export
+from . import checkpoint
+from .errors import SurgeryError
+from .io import load_model, parse_input_shape
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Structured pruning for PyTorch: trace, group coupled channels, prune, save.",
+)
+_out = Console(width=None if Console().is_terminal else 200, highlight=False)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# -- shared options -----------------------------------------------------------------------------
+ModelArg = Annotated[str, typer.Argument(help="A model file (.pt/.pth pickle, .pt2, surgery checkpoint) or a spec: "
+                                              "torchvision:NAME, timm:NAME, package.module:factory.")]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224.")]
+Trust = Annotated[bool, typer.Option("--trust", help="Fully unpickle MODEL (runs code from the file: trusted files only).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="A state_dict file loaded into MODEL.")]
+Leaf = Annotated[Optional[list[str]], typer.Option("--leaf", help="Qualified name of a module fx must not enter (repeatable).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and warnings.")]
+
+
+def _fail_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if isinstance(exc, SurgeryError):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _run(debug: bool, work: Callable[[], None]) -> None:
+    """Run ``work``; any failure becomes one red line on stderr and exit code 1 (traceback with --debug)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always" if debug else "ignore")
+        try:
+            work()
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            _err.print("[red]error:[/red] interrupted")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # `surgery graph ... | head`: the reader left; nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            raise typer.Exit(141) from None
+        except Exception as exc:
+            if debug:
+                raise
+            _err.print(f"[red]error:[/red] {escape(_fail_line(exc))}")
+            raise typer.Exit(1) from None
+    for w in caught:
+        _err.print(f"[yellow]warning:[/yellow] {escape(str(w.message).splitlines()[0] if str(w.message) else '')}")
+
+
+def _check_output(path: Path | None, model: str, what: str = "output") -> None:
+    """Fail before any work if ``path`` cannot be written or is the input model."""
+    if path is None:
+        return
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise SurgeryError(f"cannot write {what} {path}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SurgeryError(f"cannot write {what} {path}: directory {folder} is not writable")
+    if path.is_dir():
+        raise SurgeryError(f"cannot write {what} {path}: it is a directory")
+    if os.path.exists(model) and path.exists() and os.path.samefile(model, path):
+        raise SurgeryError(f"refusing to overwrite the input model {model} with the {what}")
+
+
+def _load(model: str, trust: bool, weights: Path | None, input_shape: str | None):
+    shape = parse_input_shape(input_shape) if input_shape else None
+    module, known, source = load_model(model, trust=trust, weights=weights)
+    shape = shape or known
+    if shape is None:
+        raise SurgeryError(f"the input shape of {source} is unknown; pass --input-shape (e.g. 1,3,224,224)")
+    module.eval()
+    return module, torch.randn(shape), source
+
+
+def _fmt(n: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(int(n))
+
+
+def _layer_ratios(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise SurgeryError(f"--layer-ratio takes NAME=RATIO (e.g. 'layer1.*=0.3'), got {item!r}")
+    return out
+
+
+# -- prune --------------------------------------------------------------------------------------
+@app.command()
+def prune(
+    model: ModelArg,
+    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method (see `surgery methods`).")] = "l1",
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of channels removed per group, in [0, 1).")] = 0.5,
+    global_: Annotated[bool, typer.Option("--global", help="Rank channels across all groups.")] = False,
+    layer_ratio: Annotated[Optional[list[str]], typer.Option("--layer-ratio", help="NAME=R ratio for modules matching a pattern (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned model here.")] = None,
+    format: Annotated[str, typer.Option("--format", help="Checkpoint format: dense or csr.")] = "dense",
+    plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
+    plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, leaf: Leaf = None, debug: Debug = False,
+) -> None:
+    """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
+
+    def work():
+        import surgery
+        from surgery.methods import get_method
+        from surgery.plan import Plan, check_ratio
+        from surgery.stats import stats
+
+        if plan_in is None:
+            get_method(method)
+            check_ratio(ratio)
+        layer_ratios = _layer_ratios(layer_ratio)
+        if format not in checkpoint.FORMATS:
+            raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(checkpoint.FORMATS)}")
+        _check_output(out, model, "output")
+        _check_output(plan_out, model, "plan")
+        plan_text = None
+        if plan_in is not None:
+            try:
+                plan_text = plan_in.read_text()
+            except OSError as exc:
+                raise SurgeryError(f"cannot read plan {plan_in}: {exc.strerror or exc}") from None
+        net, x, source = _load(model, trust, weights, input_shape)
+        before = stats(net, x)
+        if plan_text is not None:
+            p = Plan.from_json(plan_text)
+            pruned = surgery.apply(net, p)
+        else:
+            pruned = surgery.prune(net, x, method, ratio, policy="global" if global_ else "local",
+                                   layer_ratios=layer_ratios, leaf_modules=tuple(leaf or ()))
+            p = Plan.from_dict(pruned.meta["surgery_plan"])
+        after = stats(pruned, p.example_inputs())
+        meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
+                "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
+                "stats": {"before": before.as_dict(), "after": after.as_dict()}}
+        if plan_out is not None:
+            checkpoint.atomic_write(plan_out, p.to_json(indent=1))
+        if out is not None:
+            checkpoint.save(pruned, out, format=format, metadata=meta)
+        _print_prune(source, p, before, after, out, plan_out)
+
+    _run(debug, work)
+
+
+def _print_prune(source, p, before, after, out, plan_out) -> None:
+    table = Table(title=f"{escape(source)}: {p.method}, ratio {p.ratio:g}, {p.policy}")
+    for col in ("", "before", "after", "kept"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, a, b in (("params", before.params, after.params), ("MACs", before.macs, after.macs)):
+        table.add_row(name, _fmt(a), _fmt(b), f"{100 * b / a:.1f}%" if a else "-")
+    _out.print(table)
+    groups = Table(title=f"{len(p.groups)} of {p.n_groups} groups pruned")
+    for col in ("group", "label", "channels", "kept"):
+        groups.add_column(col, justify="left" if col == "label" else "right")
+    for g in p.groups:
+        groups.add_row(str(g.id), escape(g.label), str(g.size), str(len(g.keep)))
+    _out.print(groups)
+    if plan_out is not None:
+        _out.print(f"plan written to {escape(str(plan_out))}")
+    _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
+
+
+# -- graph --------------------------------------------------------------------------------------
+@app.command()
+def graph(
+    model: ModelArg,
+    format: Annotated[str, typer.Option("--format", "-f", help="text, json, dot, graphml or png.")] = "text",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, leaf: Leaf = None, debug: Debug = False,
+) -> None:
+    """Show the channel groups of MODEL, or export its dependency graph."""
+
+    def work():
+        import surgery
+
+        if format not in graph_export.FORMATS:
+            raise SurgeryError(f"unknown graph format {format!r}; known formats: {', '.join(graph_export.FORMATS)}")
+        if format == "png" and out is None:
+            raise SurgeryError("--format png needs --out FILE")
+        _check_output(out, model, "output")
+        net, x, source = _load(model, trust, weights, input_shape)
+        dep = surgery.trace(net, x, tuple(leaf or ()))
+        if format == "text":
+            table = graph_export.groups_table(dep, f"{source}: {len(dep.groups)} groups, "
+                                                   f"{sum(g.prunable for g in dep.groups)} prunable")
+            if out is None:
+                _out.print(table)
+            else:
+                checkpoint.atomic_write(out, graph_export.render_text(table))
+            return
+        data = graph_export.export(dep, format, source)
+        if out is None:
+            print(data if isinstance(data, str) else data.decode())
+        else:
+            checkpoint.atomic_write(out, data)
+
+    _run(debug, work)
+
+
+# -- stats --------------------------------------------------------------------------------------
+@app.command()
+def stats(
+    model: ModelArg,
+    latency: Annotated[bool, typer.Option("--latency", help="Also time a forward pass on CPU.")] = False,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, debug: Debug = False,
+) -> None:
+    """Parameters and MACs of MODEL (and latency with --latency)."""
+
+    def work():
+        from surgery.stats import stats as model_stats
+
+        net, x, source = _load(model, trust, weights, input_shape)
+        s = model_stats(net, x, latency=latency)
+        table = Table(title=f"{escape(source)} at input {tuple(x.shape)}")
+        table.add_column("")
+        table.add_column("value", justify="right")
+        table.add_row("params", f"{s.params:,} ({_fmt(s.params)})")
+        table.add_row("MACs", f"{s.macs:,} ({_fmt(s.macs)})")
+        if s.latency_ms is not None:
+            table.add_row("latency", f"{s.latency_ms:.2f} ms")
+        meta = getattr(net, "meta", {}).get("surgery") if hasattr(net, "meta") else None
+        if isinstance(meta, dict) and meta.get("method"):
+            table.add_row("pruned", escape(f"{meta.get('method')} ratio {meta.get('ratio')} from {meta.get('source')}"))
+        _out.print(table)
+
+    _run(debug, work)
+
+
+# -- methods ------------------------------------------------------------------------------------
+@app.command()
+def methods(debug: Debug = False) -> None:
+    """List the registered scoring methods."""
+
+    def work():
+        from surgery.methods import get_method, list_methods
+
+        names = list_methods()
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            m = get_method(name)
+            extra = " (needs --data)" if m.needs_data else ""
+            _out.print(f"{escape(name.ljust(width))}  {escape(m.summary)}{extra}")
+
+    _run(debug, work)
+
+
+def main() -> None:
+    """Entry point for ``python -m surgery.cli``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
