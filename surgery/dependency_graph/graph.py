@@ -98,6 +98,12 @@ def _couple_node(table: SpaceTable, gm: torch.fx.GraphModule, node: torch.fx.Nod
             table.stop(sid, Reason.NOT_PRODUCED, ctx.describe())
 
 
+def _unique_sorted(a: np.ndarray) -> np.ndarray:
+    """Sorted unique values (a plain sort: numpy's hash-based unique is slower on millions of ints)."""
+    a = np.sort(a)
+    return a[np.r_[True, a[1:] != a[:-1]]] if a.size else a
+
+
 @dataclass
 class _Components:
     atom_comp: np.ndarray  # atom -> component (unit candidate)
@@ -140,7 +146,7 @@ class DependencyGraph:
         # Signature of a component = the set of spaces it touches; components with the same
         # signature form one group (one "layer's channels").
         cand = comp_has_param[atom_comp]
-        keys = np.unique(atom_comp[cand] * len(t.spaces) + atom_space[cand])
+        keys = _unique_sorted(atom_comp[cand] * len(t.spaces) + atom_space[cand])
         kc, ks = keys // len(t.spaces), keys % len(t.spaces)
         rng = np.random.default_rng(0)
         space_hash = rng.integers(1, 2**62, size=len(t.spaces), dtype=np.int64)
@@ -175,7 +181,7 @@ class DependencyGraph:
         # group -> spaces
         group_spaces: list[list[int]] = [[] for _ in range(uniq_sig.size)]
         pair_groups = comp_group[kc]
-        gs = np.unique(pair_groups * len(t.spaces) + ks)
+        gs = _unique_sorted(pair_groups * len(t.spaces) + ks)
         for g, s in zip((gs // len(t.spaces)).tolist(), (gs % len(t.spaces)).tolist()):
             group_spaces[g].append(s)
         self.groups: list[Group] = []

@@ -19,6 +19,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import TraceError
+from .shapes import fast_function_value, fast_module_value
 
 __all__ = ["trace_module", "normalize_inputs", "DEFAULT_LEAF_MODULES"]
 
@@ -100,6 +101,14 @@ def _symbolic_trace(model: nn.Module, leaf_modules: Iterable) -> torch.fx.GraphM
 
 class _ShapeRunner(torch.fx.Interpreter):
     """Runs the graph and records each node's value under ``node.meta['val']``."""
+
+    def call_module(self, target, args, kwargs):
+        value = fast_module_value(self.fetch_attr(target), args, kwargs)
+        return value if value is not None else super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        value = fast_function_value(target, args, kwargs)
+        return value if value is not None else super().call_function(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node):
         try:
