@@ -35,7 +35,7 @@ __all__ = ["encode_value", "decode_value", "graph_to_data", "data_to_graph", "mo
 #: Keys every ``nn.Module`` instance has in its ``__dict__``: handled by ``nn.Module.__init__``.
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 #: Attributes rebuilt from other state rather than stored (RNN weight lists).
-_DERIVED = {"_flat_weights"}
+_DERIVED = {"_flat_weights", "_flat_weight_refs"}
 
 
 # -- values -------------------------------------------------------------------------------------

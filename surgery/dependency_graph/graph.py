@@ -203,6 +203,31 @@ class DependencyGraph:
             )
             if reason is None and counts[g] <= 1:
                 self.groups[-1].reason_detail = "a single channel"
+        self._hide_weight_only_dims()
+
+    def _hide_weight_only_dims(self) -> None:
+        """Drop 'groups' that are just an unshrinkable dim of one parameter (a conv kernel's height
+        read through ``get_attr``): they are not channels. Ids are renumbered densely."""
+        t = self.table
+        keep = []
+        for g in self.groups:
+            tensors = {(m.module, m.param) for m in g.members}
+            if g.prunable or len(tensors) != 1 or g.reason is not Reason.FIXED_DIM:
+                keep.append(g)
+                continue
+            owner, name = next(iter(tensors))
+            getattr_nodes = {n.name for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == (f"{owner}.{name}" if owner else name)}
+            if not all(t.spaces[s].kind == "param" or t.spaces[s].node in getattr_nodes for s in g.spaces):
+                keep.append(g)
+        if len(keep) == len(self.groups):
+            return
+        remap = np.full(len(self.groups) + 1, -1, dtype=np.int64)
+        for new_id, g in enumerate(keep):
+            remap[g.id] = new_id
+            g.id = new_id
+        cg = self._comp.comp_group
+        self._comp.comp_group = np.where(cg >= 0, remap[cg], -1)
+        self.groups = keep
 
     def _components(self) -> tuple[int, np.ndarray]:
         """Connected components of the atom couplings, honouring size constraints.

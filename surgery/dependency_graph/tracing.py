@@ -154,8 +154,26 @@ def _propagate(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
             raise TraceError(f"the model does not run on its example inputs: {exc}".splitlines()[0]) from exc
 
 
-def trace_module(model: nn.Module, example_inputs, leaf_modules: Iterable = ()) -> torch.fx.GraphModule:
+def _export_trace(model: nn.Module, inputs: tuple, fx_error: TraceError) -> torch.fx.GraphModule:
+    """Second front end: ``torch.export`` (aten-level graph, parameters as ``get_attr``).
+
+    Used where symbolic tracing fails, e.g. Python control flow on shapes, which export specialises
+    to the example inputs. The aten op rules in ``rules/aten.py`` read the same graph structure.
+    """
+    try:
+        program = torch.export.export(model, tuple(inputs), strict=False)
+        gm = program.module()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(f"{fx_error} (torch.export fallback also failed: {first})") from exc
+    gm.meta["surgery_frontend"] = "export"
+    return gm
+
+
+def trace_module(model: nn.Module, example_inputs, leaf_modules: Iterable = (), fallback: bool = True) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and record every node's value on the meta device.
+
+    Where symbolic tracing fails and ``fallback`` is true, ``torch.export`` is tried instead.
 
     The returned ``GraphModule`` shares submodules with ``model``; callers that change it copy first.
 
@@ -170,7 +188,12 @@ def trace_module(model: nn.Module, example_inputs, leaf_modules: Iterable = ()) 
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     with _eval_mode(model):
-        gm = _symbolic_trace(model, leaf_modules)
+        try:
+            gm = _symbolic_trace(model, leaf_modules)
+        except TraceError as fx_error:
+            if not fallback:
+                raise
+            gm = _export_trace(model, inputs, fx_error)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(inputs) > len(placeholders):
             raise TraceError(f"{len(inputs)} example inputs given but the model's forward takes {len(placeholders)}")

@@ -10,7 +10,17 @@ import torch.fx
 
 from ..context import BuildCtx
 
-__all__ = ["tensor_args", "unary", "broadcast", "align_reshape", "couple_reshape", "normalize_dims"]
+__all__ = ["op_name", "tensor_args", "unary", "broadcast", "align_reshape", "couple_reshape", "normalize_dims"]
+
+
+def op_name(target) -> str:
+    """``"permute"`` for ``Tensor.permute``, ``torch.permute`` and ``aten.permute.default`` alike."""
+    if isinstance(target, str):
+        return target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(target, "__name__", "")
 
 
 def tensor_args(ctx: BuildCtx) -> list[torch.fx.Node]:

@@ -87,14 +87,23 @@ def _functional_conv(spatial: int):
         if b is not None and ctx.is_tensor(b):
             ctx.identity(ctx.sp(b, 0), ctx.sp(w, 0))
         w_in = ctx.sp(w, 1) if groups == 1 or cin_g > 1 else None
-        if groups > 1 and cin_g == 1:
-            return  # a depthwise functional conv would need its groups argument rewritten: stopped
         _couple_conv(ctx, x, w_in, ctx.sp(w, 0), groups, cin, cout, spatial)
 
     couple.__name__ = f"functional_conv{spatial}d"
     return couple
 
 
-function_rule(F.conv1d)(_functional_conv(1))
-function_rule(F.conv2d)(_functional_conv(2))
-function_rule(F.conv3d)(_functional_conv(3))
+def rewrite_functional_conv(ctx: RewriteCtx) -> None:
+    """A depthwise functional conv has one group per kept input channel."""
+    w = ctx.old_arg(1, "weight")
+    groups = ctx.old_arg(6, "groups", 1)
+    if isinstance(groups, int) and groups > 1 and w.meta["val"].shape[1] == 1:
+        x = ctx.old_arg(0, "input")
+        spatial = w.meta["val"].dim() - 2
+        ctx.set_arg(6, "groups", ctx.new_size(x, x.meta["val"].dim() - spatial - 1))
+
+
+FUNCTIONAL_CONV = {1: _functional_conv(1), 2: _functional_conv(2), 3: _functional_conv(3)}
+function_rule(F.conv1d, rewrite=rewrite_functional_conv)(FUNCTIONAL_CONV[1])
+function_rule(F.conv2d, rewrite=rewrite_functional_conv)(FUNCTIONAL_CONV[2])
+function_rule(F.conv3d, rewrite=rewrite_functional_conv)(FUNCTIONAL_CONV[3])

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..context import BuildCtx
 from ._registry import function_rule, method_rule, module_rule
-from .common import broadcast, tensor_args, unary
+from .common import broadcast, tensor_args, unary, op_name
 
 _UNARY_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -87,7 +87,7 @@ def shape_reader(ctx: BuildCtx) -> None:
     if not ctx.is_tensor(x):
         return
     nd = ctx.val(x).dim()
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = op_name(node.target)
     if name == "size" or (name == "getattr" and node.args[1] == "shape"):
         dim = ctx.arg(1, "dim", None) if name == "size" else None
         if isinstance(dim, int):

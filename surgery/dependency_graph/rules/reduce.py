@@ -10,7 +10,7 @@ from torch import nn
 
 from ..context import BuildCtx
 from ._registry import function_rule, method_rule, module_rule
-from .common import normalize_dims
+from .common import normalize_dims, op_name
 
 
 @function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm)
@@ -21,7 +21,7 @@ def reduction(ctx: BuildCtx) -> None:
     if not ctx.is_tensor(x) or not isinstance(ctx.out_val(), torch.Tensor):
         return
     nd = ctx.val(x).dim()
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = op_name(ctx.node.target)
     dim_pos = 2 if name == "norm" else 1
     dims = ctx.arg(dim_pos, "dim", None)
     if isinstance(dims, torch.fx.Node):

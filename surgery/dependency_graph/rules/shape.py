@@ -11,7 +11,7 @@ from torch import nn
 
 from ..context import BuildCtx, RewriteCtx, tensor_slots
 from ._registry import function_rule, method_rule, module_rule
-from .common import couple_reshape, normalize_dims
+from .common import couple_reshape, normalize_dims, op_name
 
 # -- reshape family -------------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ def _permutation(ctx: BuildCtx) -> list[int] | None:
     node = ctx.node
     x = node.args[0]
     nd = ctx.val(x).dim()
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = op_name(node.target)
     rest = [a for a in node.args[1:]]
     if name == "permute":
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest

@@ -1,0 +1,122 @@
+"""The same op rules for the aten-level graphs that ``torch.export`` produces (second front end).
+
+Most aten overloads take their arguments in the order of the torch functions they implement, so
+they reuse those rules; the few that differ (batch norm, slice, split) have small rules here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..context import BuildCtx, RewriteCtx
+from . import conv, elementwise, linear, norm, pooling, reduce, shape
+from ._registry import function_rule
+
+aten = torch.ops.aten
+
+
+def _ops(*names: str):
+    """aten overloads that exist in this torch build (missing names are skipped)."""
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload or "default", None)
+        if op is not None:
+            out.append(op)
+    return out
+
+
+for _n, _name in ((1, "conv1d"), (2, "conv2d"), (3, "conv3d")):
+    function_rule(*_ops(_name), rewrite=conv.rewrite_functional_conv)(conv.FUNCTIONAL_CONV[_n])
+function_rule(*_ops("linear"))(linear.functional_linear)
+
+function_rule(*_ops(
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_", "hardsigmoid",
+    "hardtanh", "hardtanh_", "dropout", "clone", "alias", "detach", "elu", "leaky_relu", "mish", "exp", "neg",
+    "sqrt", "rsqrt", "abs", "clamp", "_to_copy", "contiguous",
+))(elementwise.elementwise_unary)
+function_rule(*_ops(
+    "add.Tensor", "add_.Tensor", "sub.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor", "add.Scalar",
+    "mul.Scalar", "sub.Scalar", "div.Scalar", "pow.Tensor_Scalar", "where.self", "maximum", "minimum",
+))(elementwise.elementwise_broadcast)
+
+function_rule(*_ops("cat"))(shape.cat)
+function_rule(*_ops("stack"))(shape.stack)
+function_rule(*_ops("view", "reshape", "_unsafe_view"), rewrite=shape._rewrite_shape)(shape.reshape)
+function_rule(*_ops("flatten.using_ints", "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze"))(shape.reshape_no_constants)
+function_rule(*_ops("permute", "transpose.int", "t"))(shape.permute)
+function_rule(*_ops("expand"), rewrite=shape._rewrite_expand)(shape.expand)
+function_rule(*_ops("unbind.int"))(shape.unbind)
+function_rule(*_ops("chunk"), rewrite=shape._rewrite_chunk_like)(shape.chunk)
+function_rule(*_ops("split_with_sizes"), rewrite=shape._rewrite_split)(shape.split)
+
+
+def _rewrite_split_tensor(ctx: RewriteCtx) -> None:
+    """``split.Tensor`` takes one size; unequal parts after pruning need ``split_with_sizes``."""
+    x = ctx.old.args[0]
+    dim = ctx.old_arg(2, "dim", 0) % x.meta["val"].dim()
+    ctx.node.target = aten.split_with_sizes.default
+    ctx.node.args = (ctx.node.args[0], shape._new_part_sizes(ctx, dim), dim)
+    ctx.node.kwargs = {}
+
+
+function_rule(*_ops("split.Tensor"), rewrite=_rewrite_split_tensor)(shape.split)
+
+for _op, _spatial in ((_ops("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2d"), 2),
+                      (_ops("adaptive_avg_pool1d", "max_pool1d", "avg_pool1d"), 1)):
+    for _o in _op:
+        pooling._SPATIAL_FUNCTIONS[_o] = _spatial
+    function_rule(*_op)(pooling.spatial_function)
+
+function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin"))(reduce.reduction)
+function_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)
+function_rule(*_ops("matmul", "bmm", "mm"))(reduce.matmul)
+function_rule(*_ops("scaled_dot_product_attention"))(reduce.sdpa)
+function_rule(*_ops("layer_norm"), rewrite=norm._rewrite_layer_norm)(norm.functional_layernorm)
+function_rule(*_ops("group_norm"), rewrite=norm._rewrite_group_norm)(norm.functional_groupnorm)
+
+
+@function_rule(*_ops("batch_norm", "_native_batch_norm_legit_no_training"))
+def aten_batch_norm(ctx: BuildCtx) -> None:
+    """(input, weight, bias, running_mean, running_var, ...): per-channel parameters on dim 1."""
+    x = ctx.node.args[0]
+    out_path = () if isinstance(ctx.out_val(), torch.Tensor) else (0,)
+    ctx.same_dims(x, out_path=out_path)
+    for t in ctx.node.args[1:5]:
+        if ctx.is_tensor(t):
+            ctx.identity(ctx.sp(t, 0), ctx.out(1, out_path))
+
+
+def _rewrite_slice(ctx: RewriteCtx) -> None:
+    x = ctx.old.args[0]
+    dim = ctx.old_arg(1, "dim", 0) % x.meta["val"].dim()
+    kept = ctx.kept(x, dim)
+    start, end = _slice_bounds(ctx.old, kept.size)
+    ctx.node.args = (ctx.node.args[0], dim, int(kept[:start].sum()), int(kept[:end].sum()), 1)
+
+
+def _slice_bounds(node, size: int) -> tuple[int, int]:
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    return slice(start, end).indices(size)[:2]
+
+
+@function_rule(*_ops("slice.Tensor"), rewrite=_rewrite_slice)
+def aten_slice(ctx: BuildCtx) -> None:
+    x = ctx.node.args[0]
+    nd = ctx.val(x).dim()
+    dim = ctx.arg(1, "dim", 0) % nd
+    step = ctx.arg(4, "step", 1)
+    if any(isinstance(a, torch.fx.Node) for a in ctx.node.args[1:]):
+        return
+    for d in range(nd):
+        if d != dim:
+            ctx.identity(ctx.sp(x, d), ctx.out(d))
+    start, end = _slice_bounds(ctx.node, ctx.val(x).shape[dim])
+    if step == 1 and end > start:
+        ctx.table.offset(ctx.out(dim), ctx.sp(x, dim), start)
+
+
+@function_rule(*_ops("sym_size.int", "_assert_tensor_metadata"))
+def aten_shape_reader(ctx: BuildCtx) -> None:
+    elementwise.shape_reader(ctx)
