@@ -63,7 +63,7 @@ def test_export_graph_prunes_exactly():
     split = next(n for n in pruned.graph.nodes if str(n.target) == "aten.split_with_sizes.default")
     assert list(split.args[1]) == [2, 3]  # int(0.5 * 3) and int(0.5 * 5) removed
     groups = [n.args[6] for n in pruned.graph.nodes if str(n.target) == "aten.conv2d.default" and len(n.args) > 6]
-    assert groups == [4]  # the depthwise conv's groups follow its kept channels
+    assert groups == [5]  # the depthwise conv keeps 2 + 3 channels, one group each
 
 
 def test_untraceable_by_both_front_ends_names_the_line():
