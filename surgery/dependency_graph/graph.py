@@ -198,11 +198,9 @@ class DependencyGraph:
             csid = cross_space[c]
             cross = f"{t.cross[int(csid)]} at {t.spaces[int(csid)].label}" if csid >= 0 else ""
             members = self._members(g, group_spaces[g])
-            self.groups.append(
-                Group(g, int(counts[g]), reason is None and counts[g] > 1, reason, detail, cross, members, group_spaces[g])
-            )
             if reason is None and counts[g] <= 1:
-                self.groups[-1].reason_detail = "a single channel"
+                reason = Reason.SINGLE_CHANNEL
+            self.groups.append(Group(g, int(counts[g]), reason is None, reason, detail, cross, members, group_spaces[g]))
         self._hide_weight_only_dims()
 
     def _hide_weight_only_dims(self) -> None:

@@ -13,9 +13,7 @@ class Reason(enum.Enum):
     UNSUPPORTED_OP = "reaches an op with no rule"
     FIXED_DIM = "is a dimension the op cannot shrink"
     NOT_PRODUCED = "is created by an op without parameters to shrink"
-    INDEXED = "is indexed by position"
-    LEAF_INTERNALS = "is internal to a leaf module that cannot be resized"
-    USER_EXCLUDED = "was excluded by the user"
+    SINGLE_CHANNEL = "has a single channel, which always stays"
 
     def describe(self, detail: str = "") -> str:
         return f"{self.value}: {detail}" if detail else self.value
