@@ -32,27 +32,44 @@ def _owner(gm: nn.Module, owner: str) -> nn.Module:
     return gm.get_submodule(owner) if owner else gm
 
 
-def _slice_tensors(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np.ndarray, mode: str) -> None:
+def _kept_dims(graph: DependencyGraph, removed: np.ndarray) -> dict[tuple[str, str], list[tuple[int, np.ndarray]]]:
+    """``{(owner, tensor name): [(dim, kept mask), ...]}`` for every tensor that loses entries."""
     per_tensor: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
     for (owner, name, dim), sid in graph.table.param_spaces().items():
         kept = graph.space_kept(sid, removed)
         if not kept.all():
             per_tensor.setdefault((owner, name), []).append((dim, kept))
+    return per_tensor
+
+
+def _sliced_copies(gm: nn.Module, per_tensor) -> dict[int, torch.Tensor]:
+    """Deep-copy memo: each tensor that loses entries maps to its sliced copy (never copied whole)."""
+    memo: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for (owner, name), dims in per_tensor.items():
-            mod = _owner(gm, owner)
-            old = getattr(mod, name)
-            is_param = isinstance(old, nn.Parameter)
-            if mode == "mask":
-                if is_param:
-                    for dim, kept in dims:
-                        old.index_fill_(dim, torch.from_numpy(np.flatnonzero(~kept)), 0.0)
-                continue
+            old = getattr(_owner(gm, owner), name)
             new = old.detach()
             for dim, kept in dims:
                 new = new.index_select(dim, torch.from_numpy(np.flatnonzero(kept)))
             new = new.clone()
-            setattr(mod, name, nn.Parameter(new, requires_grad=old.requires_grad) if is_param else new)
+            memo[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    return memo
+
+
+def _zero_removed(gm: nn.Module, per_tensor) -> None:
+    """Mask mode: zero each removed slice of every parameter (buffers are statistics, left as is)."""
+    with torch.no_grad():
+        for (owner, name), dims in per_tensor.items():
+            t = getattr(_owner(gm, owner), name)
+            if isinstance(t, nn.Parameter):
+                for dim, kept in dims:
+                    t.index_fill_(dim, torch.from_numpy(np.flatnonzero(~kept)), 0.0)
+
+
+def _refresh_rnn_weights(gm: nn.Module) -> None:
+    for m in gm.modules():
+        if isinstance(m, nn.RNNBase):
+            m._init_flat_weights()
 
 
 def _changed(graph: DependencyGraph, node: torch.fx.Node, removed: np.ndarray) -> bool:
@@ -101,8 +118,13 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> t
         raise RewriteError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
     plan.check_fits(graph)
     removed = graph.removed_components(plan.removed_units())
-    gm = copy.deepcopy(graph.gm)
-    _slice_tensors(gm, graph, removed, mode)
+    per_tensor = _kept_dims(graph, removed)
+    if mode == "mask":
+        gm = copy.deepcopy(graph.gm)
+        _zero_removed(gm, per_tensor)
+    else:
+        gm = copy.deepcopy(graph.gm, _sliced_copies(graph.gm, per_tensor))
+        _refresh_rnn_weights(gm)
     if mode == "prune":
         _rewrite_nodes(gm, graph, removed)
         gm.graph.lint()

@@ -1087,3 +1087,25 @@ def test_plan_json_round_trip(name):
     a, b = surgery.apply(model, plan), surgery.apply(model, back)
     assert torch.equal(_out(a, x), _out(b, x))
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+class TiedWeights(nn.Module):
+    """One Linear weight used by two modules (weight tying): both names are sliced alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8, bias=False)
+        self.b = nn.Linear(6, 8, bias=False)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.a(x)) + torch.relu(self.b(x * 2)))
+
+
+def test_tied_weights_are_pruned_alike():
+    torch.manual_seed(0)
+    model, x = TiedWeights().eval(), torch.randn(4, 6)
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
+    assert pruned.a.weight.shape == (4, 6)
+    assert torch.equal(pruned.a.weight, pruned.b.weight)

@@ -85,7 +85,7 @@ class BuildCtx:
         if not isinstance(tensor, torch.Tensor):
             raise KeyError(f"{self.owner} has no tensor {name}")
         owner = f"{self.owner}.{sub}" if sub else self.owner
-        return self.table.param(owner, leaf, dim % tensor.dim(), tensor.shape[dim])
+        return self.table.param(owner, leaf, dim % tensor.dim(), tensor.shape[dim], tensor)
 
     def has(self, name: str) -> bool:
         if self.module is None:

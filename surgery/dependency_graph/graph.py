@@ -74,8 +74,9 @@ def _couple_node(table: SpaceTable, gm: torch.fx.GraphModule, node: torch.fx.Nod
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor):
             owner, name = _owner_and_name(node.target)
+            real = getattr(gm.get_submodule(owner) if owner else gm, name, None)
             for d in range(value.dim()):
-                table.identity(table.tensor(node.name, (), d), table.param(owner, name, d, value.shape[d]))
+                table.identity(table.tensor(node.name, (), d), table.param(owner, name, d, value.shape[d], real))
         return
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     rule = lookup(node, module)

@@ -47,6 +47,7 @@ class SpaceTable:
         self.n_atoms = 0
         self._tensor: dict[tuple, int] = {}
         self._param: dict[tuple, int] = {}
+        self._aliases: dict[tuple[int, int], int] = {}
         self._edges_a: list[np.ndarray] = []
         self._edges_b: list[np.ndarray] = []
         self.stops: dict[int, tuple[Reason, str]] = {}
@@ -78,11 +79,17 @@ class SpaceTable:
     def has_tensor(self, node: str, path: tuple) -> bool:
         return (node, path, 0) in self._tensor
 
-    def param(self, owner: str, name: str, dim: int, size: int) -> int:
+    def param(self, owner: str, name: str, dim: int, size: int, tensor=None) -> int:
+        """Space of one dim of a parameter/buffer. Passing ``tensor`` ties the dims of one tensor
+        reached under several names (tied weights), so all names are sliced alike."""
         key = (owner, name, dim)
         sid = self._param.get(key)
         if sid is None:
             sid = self._param[key] = self._new(size, "param", owner, (), dim, name)
+            if tensor is not None:
+                first = self._aliases.setdefault((id(tensor), dim), sid)
+                if first != sid:
+                    self.identity(first, sid)
         return sid
 
     def param_spaces(self) -> dict[tuple, int]:

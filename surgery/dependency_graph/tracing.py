@@ -142,7 +142,7 @@ def _propagate(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
     runner = _Runner(gm)
     with torch.no_grad():
         try:
-            torch.func.functional_call(runner, state, meta_inputs, strict=False)
+            torch.func.functional_call(runner, state, meta_inputs, strict=False, tie_weights=False)
             return
         except TraceError:
             pass  # an op without a meta kernel or with data-dependent shapes: run for real below
