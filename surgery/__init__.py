@@ -6,6 +6,7 @@
 ['l1', 'l2', 'random']
 """
 
+from .checkpoint import load, save
 from .dependency_graph import DependencyGraph, Group, Member, Reason, trace
 from .errors import SurgeryError
 from .methods import list_methods as methods
@@ -17,6 +18,6 @@ from .stats import ModelStats, stats
 
 __all__ = [
     "DependencyGraph", "Group", "Member", "ModelStats", "Plan", "Reason", "SurgeryError",
-    "apply", "methods", "plan", "prune", "register_method", "stats", "trace",
+    "apply", "load", "methods", "plan", "prune", "register_method", "save", "stats", "trace",
 ]
 __version__ = "0.1.0"

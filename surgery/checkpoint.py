@@ -239,6 +239,16 @@ def read_metadata(path) -> dict:
         raise ModelLoadError(f"{path}: checkpoint metadata is corrupt ({exc})") from None
 
 
+def _adopt_tree(root: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Give ``gm`` the whole stored tree: ``GraphModule`` copies only what the graph references (and
+    re-registers ``get_attr`` tensors as persistent buffers), the checkpoint has everything as saved."""
+    for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        gm.__dict__[key] = root.__dict__[key]
+    for k, v in vars(root).items():
+        if isinstance(v, torch.Tensor):
+            gm.__dict__[k] = v
+
+
 def load(path) -> torch.fx.GraphModule:
     """Rebuild the model saved at ``path``; its metadata is in ``module.meta["surgery"]``.
 
@@ -266,6 +276,7 @@ def load(path) -> torch.fx.GraphModule:
         graph = codec.data_to_graph(spec["graph"], tensor_names, module_paths)
         name = str(spec["graph"].get("class_name", "GraphModule"))
         gm = torch.fx.GraphModule(root, graph, name if name.isidentifier() else "GraphModule")
+        _adopt_tree(root, gm)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     except Exception as exc:  # a hand-crafted header can fail anywhere; report it in one line

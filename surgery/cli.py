@@ -14,6 +14,9 @@ work succeeded, and never over the input model.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -59,26 +62,35 @@ def _fail_line(exc: BaseException) -> str:
 
 
 def _run(debug: bool, work: Callable[[], None]) -> None:
-    """Run ``work``; any failure becomes one red line on stderr and exit code 1 (traceback with --debug)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always" if debug else "ignore")
-        try:
+    """Run ``work``; any failure becomes one red line on stderr and exit code 1.
+
+    Without ``--debug``, what libraries write to stderr meanwhile (warnings, torch logs, partial
+    graphs printed by ``torch.export``) is held back, so the error line is the only one; with
+    ``--debug`` everything shows, including the traceback.
+    """
+    if debug:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
             work()
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            _err.print("[red]error:[/red] interrupted")
-            raise typer.Exit(130) from None
-        except BrokenPipeError:  # `surgery graph ... | head`: the reader left; nothing to report
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            raise typer.Exit(141) from None
-        except Exception as exc:
-            if debug:
-                raise
-            _err.print(f"[red]error:[/red] {escape(_fail_line(exc))}")
-            raise typer.Exit(1) from None
-    for w in caught:
-        _err.print(f"[yellow]warning:[/yellow] {escape(str(w.message).splitlines()[0] if str(w.message) else '')}")
+        return
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            work()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _err.print("[red]error:[/red] interrupted")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:  # `surgery graph ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        raise typer.Exit(141) from None
+    except Exception as exc:
+        _err.print(f"[red]error:[/red] {escape(_fail_line(exc))}")
+        raise typer.Exit(1) from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _check_output(path: Path | None, model: str, what: str = "output") -> None:
@@ -175,10 +187,16 @@ def prune(
         meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
                 "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
                 "stats": {"before": before.as_dict(), "after": after.as_dict()}}
-        if plan_out is not None:
-            checkpoint.atomic_write(plan_out, p.to_json(indent=1))
+        existed = out is not None and out.exists()
         if out is not None:
             checkpoint.save(pruned, out, format=format, metadata=meta)
+        if plan_out is not None:
+            try:
+                checkpoint.atomic_write(plan_out, p.to_json(indent=1))
+            except BaseException:
+                if out is not None and not existed:
+                    out.unlink(missing_ok=True)  # all outputs or none
+                raise
         _print_prune(source, p, before, after, out, plan_out)
 
     _run(debug, work)
@@ -256,8 +274,8 @@ def stats(
         table = Table(title=f"{escape(source)} at input {tuple(x.shape)}")
         table.add_column("")
         table.add_column("value", justify="right")
-        table.add_row("params", f"{s.params:,} ({_fmt(s.params)})")
-        table.add_row("MACs", f"{s.macs:,} ({_fmt(s.macs)})")
+        for label, n in (("params", s.params), ("MACs", s.macs)):
+            table.add_row(label, f"{n:,}" + (f" ({_fmt(n)})" if n >= 1000 else ""))
         if s.latency_ms is not None:
             table.add_row("latency", f"{s.latency_ms:.2f} ms")
         meta = getattr(net, "meta", {}).get("surgery") if hasattr(net, "meta") else None

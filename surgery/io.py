@@ -139,7 +139,7 @@ def _load_factory(modname: str, attr: str, kwargs: dict):
 
 # -- files ------------------------------------------------------------------------------------
 def file_kind(path: str) -> str:
-    """Sniff ``path``: ``"empty" | "checkpoint" | "safetensors" | "zip" | "pickle" | "pt2" | "onnx" | "unknown"``."""
+    """Sniff ``path``: ``"empty" | "checkpoint" | "safetensors" | "zip" | "torchscript" | "pickle" | "pt2" | "onnx" | "unknown"``."""
     if os.path.getsize(path) == 0:
         return "empty"
     if checkpoint.is_checkpoint(path):
@@ -151,6 +151,12 @@ def file_kind(path: str) -> str:
     if head.startswith(b"PK\x03\x04"):
         if path.endswith(".pt2"):
             return "pt2"
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("/constants.pkl") for n in z.namelist()):
+                    return "torchscript"
+        except (zipfile.BadZipFile, OSError):
+            pass  # truncated: torch.load reports it
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
@@ -258,6 +264,8 @@ def _load_file(path: str, trust: bool):
     if kind == "pt2":
         model, shape = _load_pt2(path)
         return model, shape, f"torch.export program {path}"
+    if kind == "torchscript":
+        raise ModelLoadError(f"{path} is a TorchScript archive; surgery needs an nn.Module (save it with torch.save or torch.export)")
     if kind == "onnx":
         raise ModelLoadError(f"{path}: ONNX import is not supported yet")
     if kind in ("zip", "pickle"):

@@ -10,7 +10,11 @@ from __future__ import annotations
 import operator
 
 from torch import nn
-from torchvision.models import swin_transformer as _swin
+
+try:  # torchvision is optional at load time (a saved checkpoint reloads without it)
+    from torchvision.models import swin_transformer as _swin
+except ImportError:  # pragma: no cover - exercised by the no-torchvision checkpoint test
+    _swin = None
 
 from ..context import BuildCtx, RewriteCtx
 from ._registry import function_rule, module_rule
@@ -60,49 +64,51 @@ def multihead_attention(ctx: BuildCtx) -> None:
 
 # -- torchvision Swin ----------------------------------------------------------------------
 
-
-@function_rule(_swin._patch_merging_pad)
-def swin_patch_merging_pad(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
-    nd = ctx.val(x).dim()
-    for d in range(nd - 3):
-        ctx.identity(ctx.sp(x, d), ctx.out(d))
-    ctx.table.strided(ctx.sp(x, -1), ctx.out(-1))  # cat of four strided views of the same channels
+if _swin is not None:
 
 
-@function_rule(_swin._get_relative_position_bias)
-def swin_relative_position_bias(ctx: BuildCtx) -> None:
-    table = ctx.arg(0, "relative_position_bias_table")
-    if ctx.is_tensor(table) and ctx.val(table).dim() == 2:
-        ctx.identity(ctx.sp(table, 1), ctx.out(1))  # heads
+    @function_rule(_swin._patch_merging_pad)
+    def swin_patch_merging_pad(ctx: BuildCtx) -> None:
+        x = ctx.node.args[0]
+        nd = ctx.val(x).dim()
+        for d in range(nd - 3):
+            ctx.identity(ctx.sp(x, d), ctx.out(d))
+        ctx.table.strided(ctx.sp(x, -1), ctx.out(-1))  # cat of four strided views of the same channels
 
 
-def _rewrite_swin_attention(ctx: RewriteCtx) -> None:
-    x = ctx.old.args[0]
-    heads = ctx.old_arg(5, "num_heads")
-    c = x.meta["val"].shape[-1]
-    ctx.set_arg(5, "num_heads", ctx.new_size(x, -1) // (c // heads))
+    @function_rule(_swin._get_relative_position_bias)
+    def swin_relative_position_bias(ctx: BuildCtx) -> None:
+        table = ctx.arg(0, "relative_position_bias_table")
+        if ctx.is_tensor(table) and ctx.val(table).dim() == 2:
+            ctx.identity(ctx.sp(table, 1), ctx.out(1))  # heads
 
 
-@function_rule(_swin.shifted_window_attention, rewrite=_rewrite_swin_attention)
-def swin_window_attention(ctx: BuildCtx) -> None:
-    x, qkv_w, proj_w = ctx.arg(0, "input"), ctx.arg(1, "qkv_weight"), ctx.arg(2, "proj_weight")
-    bias = ctx.arg(3, "relative_position_bias")
-    heads = ctx.arg(5, "num_heads")
-    qkv_b, proj_b = ctx.arg(9, "qkv_bias", None), ctx.arg(10, "proj_bias", None)
-    logit_scale = ctx.arg(11, "logit_scale", None)
-    if not all(ctx.is_tensor(t) for t in (x, qkv_w, proj_w, bias)) or not isinstance(heads, int):
-        return
-    c = ctx.sp(x, -1)
-    ctx.identity(c, ctx.sp(qkv_w, 1))
-    ctx.table.strided(c, ctx.sp(qkv_w, 0))
-    if ctx.is_tensor(qkv_b):
-        ctx.identity(ctx.sp(qkv_b, 0), ctx.sp(qkv_w, 0))
-    ctx.identity(c, ctx.sp(proj_w, 1))  # internal width is the input width
-    ctx.table.block(ctx.sp(bias, 1), c)  # one bias plane per head
-    if ctx.is_tensor(logit_scale):
-        ctx.identity(ctx.sp(logit_scale, 0), ctx.sp(bias, 1))
-    ctx.identity(ctx.sp(proj_w, 0), ctx.out(-1))
-    if ctx.is_tensor(proj_b):
-        ctx.identity(ctx.sp(proj_b, 0), ctx.out(-1))
-    ctx.identity(ctx.sp(x, 0), ctx.out(0))
+    def _rewrite_swin_attention(ctx: RewriteCtx) -> None:
+        x = ctx.old.args[0]
+        heads = ctx.old_arg(5, "num_heads")
+        c = x.meta["val"].shape[-1]
+        ctx.set_arg(5, "num_heads", ctx.new_size(x, -1) // (c // heads))
+
+
+    @function_rule(_swin.shifted_window_attention, rewrite=_rewrite_swin_attention)
+    def swin_window_attention(ctx: BuildCtx) -> None:
+        x, qkv_w, proj_w = ctx.arg(0, "input"), ctx.arg(1, "qkv_weight"), ctx.arg(2, "proj_weight")
+        bias = ctx.arg(3, "relative_position_bias")
+        heads = ctx.arg(5, "num_heads")
+        qkv_b, proj_b = ctx.arg(9, "qkv_bias", None), ctx.arg(10, "proj_bias", None)
+        logit_scale = ctx.arg(11, "logit_scale", None)
+        if not all(ctx.is_tensor(t) for t in (x, qkv_w, proj_w, bias)) or not isinstance(heads, int):
+            return
+        c = ctx.sp(x, -1)
+        ctx.identity(c, ctx.sp(qkv_w, 1))
+        ctx.table.strided(c, ctx.sp(qkv_w, 0))
+        if ctx.is_tensor(qkv_b):
+            ctx.identity(ctx.sp(qkv_b, 0), ctx.sp(qkv_w, 0))
+        ctx.identity(c, ctx.sp(proj_w, 1))  # internal width is the input width
+        ctx.table.block(ctx.sp(bias, 1), c)  # one bias plane per head
+        if ctx.is_tensor(logit_scale):
+            ctx.identity(ctx.sp(logit_scale, 0), ctx.sp(bias, 1))
+        ctx.identity(ctx.sp(proj_w, 0), ctx.out(-1))
+        if ctx.is_tensor(proj_b):
+            ctx.identity(ctx.sp(proj_b, 0), ctx.out(-1))
+        ctx.identity(ctx.sp(x, 0), ctx.out(0))

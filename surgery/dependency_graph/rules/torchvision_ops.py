@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from torchvision.ops import stochastic_depth as _sd_module
-from torchvision.ops.stochastic_depth import StochasticDepth
-
 from ..context import BuildCtx
 from ._registry import function_rule, module_rule
 from .common import unary
 
+try:  # torchvision is optional at load time (a saved checkpoint reloads without it)
+    from torchvision.ops import stochastic_depth as _sd_function
+    from torchvision.ops.stochastic_depth import StochasticDepth
+except ImportError:  # pragma: no cover
+    _sd_function = StochasticDepth = None
 
-@function_rule(_sd_module)
-@module_rule(StochasticDepth)
+
 def stochastic_depth(ctx: BuildCtx) -> None:
     """Drops whole samples (rows), so channels map one to one."""
     unary(ctx)
+
+
+if StochasticDepth is not None:
+    function_rule(_sd_function)(stochastic_depth)
+    module_rule(StochasticDepth)(stochastic_depth)
