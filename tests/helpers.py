@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.plan import plan_from_graph
+from surgery.rewrite import apply_to_graph
 
 
 def n_params(model: nn.Module) -> int:
@@ -50,9 +52,10 @@ def check_pruned_equals_masked(model: nn.Module, x, method: str = "l1", ratio: f
     model = model.eval()
     inputs = x if isinstance(x, tuple) else (x,)
     before = state_snapshot(model)
-    plan = surgery.plan(model, inputs, method=method, ratio=ratio, skip_cross_channel=True, **options)
-    pruned = surgery.apply(model, plan)
-    masked = surgery.apply(model, plan, mode="mask")
+    graph = surgery.trace(model, inputs, options.pop("leaf_modules", ()))
+    plan = plan_from_graph(model, graph, method=method, ratio=ratio, skip_cross_channel=True, **options)
+    pruned = apply_to_graph(graph, plan)
+    masked = apply_to_graph(graph, plan, mode="mask")
     with torch.no_grad():
         y0, y1, y2 = model(*inputs), pruned(*inputs), masked(*inputs)
     for a, b, c in zip(_flat(y0), _flat(y1), _flat(y2), strict=True):
