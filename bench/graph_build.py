@@ -174,7 +174,7 @@ def time_tool(tool: str, model, x, repeats: int, slow_run: float, timeout: float
         res.groups = len(groups)
         if tool == "surgery":
             res.prunable = sum(1 for g in groups if g.prunable)
-            res.nodes = len(graph.gm.graph.nodes)
+            res.nodes = len(graph.fx_graph.nodes)
         else:
             res.nodes = len(graph.module2node)
         del graph, groups

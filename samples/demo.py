@@ -1,5 +1,6 @@
-"""End-to-end demo: train a small ResNet on scikit-learn's handwritten digits, prune it with surgery,
-fine-tune briefly, and print accuracy / params / MACs / latency before and after.
+"""End-to-end demo: train a small ResNet on scikit-learn's handwritten digits, save it, prune the
+saved checkpoint with the ``surgery`` command line, reload the pruned checkpoint, fine-tune briefly,
+and print accuracy / params / MACs / latency before and after.
 
 Real data that ships with scikit-learn (1797 8x8 digits, upsampled to 16x16); no download.
 Runs in about a minute on 2 CPU cores.
@@ -8,7 +9,10 @@ Runs in about a minute on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +85,15 @@ def main(argv=None) -> int:
 
     before = surgery.stats(model, example, latency=True, runs=20)
     acc_before = accuracy(model, test_set)
-    pruned = surgery.prune(model, example, method=args.method, ratio=args.ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        trained, small = Path(tmp, "trained.pt"), Path(tmp, "pruned.pt")
+        surgery.save(model, trained, metadata={"source": "samples.resnet_mini:resnet_mini", "dataset": "sklearn digits"})
+        cli = [shutil.which("surgery") or sys.executable, *([] if shutil.which("surgery") else ["-m", "surgery.cli"])]
+        cmd = [*cli, "prune", str(trained), "--method", args.method, "--ratio", str(args.ratio),
+               "--input-shape", ",".join(map(str, example.shape)), "--out", str(small)]
+        console.print(f"$ surgery prune trained.pt --method {args.method} --ratio {args.ratio} --out pruned.pt")
+        subprocess.run(cmd, check=True)
+        pruned = surgery.load(small)
     acc_pruned = accuracy(pruned, test_set)
     train(pruned, train_set, args.finetune, lr=0.02, seed=1)
     acc_after = accuracy(pruned, test_set)

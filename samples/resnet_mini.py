@@ -24,9 +24,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNetMini(nn.Module):
-    """Three stages of two residual blocks (widths 32/64/128), global pooling, a linear classifier."""
+    """Three stages of two residual blocks (widths 16/32/64), global pooling, a linear classifier."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths=(32, 64, 128)):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, cin = [], widths[0]

@@ -19,7 +19,7 @@ from .dependency_graph import DependencyGraph
 from .dependency_graph import trace as trace_graph
 from .dependency_graph.context import RewriteCtx
 from .dependency_graph.rules import lookup
-from .dependency_graph.tracing import _propagate
+from .dependency_graph.tracing import propagate
 from .errors import RewriteError, TraceError
 from .plan import Plan
 
@@ -94,10 +94,10 @@ def _tensor_spaces(table, n: torch.fx.Node):
 def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np.ndarray) -> None:
     new_nodes = {n.name: n for n in gm.graph.nodes}
     fixed: set[str] = set()
-    for old in graph.gm.graph.nodes:
+    for old in graph.fx_graph.nodes:
         if old.op not in ("call_module", "call_function", "call_method"):
             continue
-        module = graph.gm.get_submodule(old.target) if old.op == "call_module" else None
+        module = graph.root.get_submodule(old.target) if old.op == "call_module" else None
         rule = lookup(old, module)
         if rule is None or not _changed(graph, old, removed) and old.op != "call_module":
             continue
@@ -123,14 +123,14 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> t
         gm = copy.deepcopy(graph.gm)
         _zero_removed(gm, per_tensor)
     else:
-        gm = copy.deepcopy(graph.gm, _sliced_copies(graph.gm, per_tensor))
+        gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor))
         _refresh_rnn_weights(gm)
     if mode == "prune":
         _rewrite_nodes(gm, graph, removed)
         gm.graph.lint()
         gm.recompile()
         try:
-            _propagate(gm, graph.example_inputs)
+            propagate(gm, gm.graph, graph.example_inputs)
         except TraceError as exc:
             raise RewriteError(f"pruned model is inconsistent: {exc}") from exc
     gm.meta["surgery_plan"] = plan.to_dict()

@@ -108,9 +108,9 @@ def stats(model: nn.Module, example_inputs: Any, latency: bool = False, runs: in
     tensors, in eval mode. With ``latency=True`` the model is run for real: the median of ``runs``
     timed passes after two warm-up passes, in eval mode under ``torch.inference_mode()``.
 
-    >>> import torch, surgery.stats
+    >>> import torch, surgery
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
-    >>> s = surgery.stats.stats(net, torch.randn(1, 3, 4, 4))
+    >>> s = surgery.stats(net, torch.randn(1, 3, 4, 4))
     >>> (s.params, s.macs)
     (1514, 4736)
     """

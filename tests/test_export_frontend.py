@@ -49,7 +49,7 @@ def test_fx_fails_and_export_takes_over():
     with pytest.raises(TraceError):
         surgery.dependency_graph.tracing._symbolic_trace(m, ())
     graph = surgery.trace(m, x)
-    assert graph.gm.meta.get("surgery_frontend") == "export"
+    assert graph.frontend == "export"
     sizes = sorted((g.size, g.prunable) for g in graph.groups)
     # split [3, 5] of the depthwise output makes two groups; c3's outputs a third; input/output fixed
     assert sizes == [(3, False), (3, True), (5, False), (5, True), (6, True)]

@@ -6,6 +6,7 @@ Building is one pass over the fx nodes (each op rule adds numpy couplings), then
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from .group import Group, Member
 from .reasons import Reason
 from .rules._registry import lookup
 from .spaces import SpaceTable
-from .tracing import normalize_inputs, trace_module
+from .tracing import Traced, normalize_inputs, trace_graph
 
 __all__ = ["DependencyGraph", "build_graph", "trace"]
 
@@ -35,7 +36,10 @@ def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def _slot_spaces(table: SpaceTable, node: torch.fx.Node) -> list[int]:
-    return [table.tensor(node.name, path, d) for path, t in tensor_slots(node.meta.get("val")) for d in range(t.dim())]
+    spaces = table.node_spaces.get(node.name)
+    if spaces is None:
+        spaces = [table.tensor(node.name, path, d) for path, t in tensor_slots(node.meta.get("val")) for d in range(t.dim())]
+    return spaces
 
 
 def _read_spaces(table: SpaceTable, node: torch.fx.Node, arg: torch.fx.Node) -> list[int]:
@@ -49,9 +53,9 @@ def _read_spaces(table: SpaceTable, node: torch.fx.Node, arg: torch.fx.Node) -> 
 
 
 def _register_outputs(table: SpaceTable, node: torch.fx.Node) -> None:
-    for path, t in tensor_slots(node.meta.get("val")):
-        for d in range(t.dim()):
-            table.tensor(node.name, path, d, t.shape[d])
+    table.node_spaces[node.name] = [
+        table.tensor(node.name, path, d, t.shape[d]) for path, t in tensor_slots(node.meta.get("val")) for d in range(t.dim())
+    ]
 
 
 def _owner_and_name(target: str) -> tuple[str, str]:
@@ -59,7 +63,7 @@ def _owner_and_name(target: str) -> tuple[str, str]:
     return owner, name
 
 
-def _couple_node(table: SpaceTable, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+def _couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
     _register_outputs(table, node)
     if node.op == "placeholder":
         for sid in _slot_spaces(table, node):
@@ -115,12 +119,20 @@ class _Components:
 class DependencyGraph:
     """Channel spaces of a traced model, their couplings, and the resulting groups."""
 
-    def __init__(self, gm: torch.fx.GraphModule, table: SpaceTable, example_inputs: tuple):
-        self.gm = gm
+    def __init__(self, traced: Traced, table: SpaceTable, example_inputs: tuple):
+        self.traced = traced
+        self.root = traced.root
+        self.fx_graph = traced.graph
+        self.frontend = traced.frontend
         self.table = table
         self.example_inputs = example_inputs
-        self._nodes = {n.name: n for n in gm.graph.nodes}
+        self._nodes = {n.name: n for n in traced.graph.nodes}
         self._solve()
+
+    @functools.cached_property
+    def gm(self) -> torch.fx.GraphModule:
+        """The traced model as a ``GraphModule`` (shares submodules with the user's model)."""
+        return self.traced.to_graph_module()
 
     # -- construction -----------------------------------------------------------------------
     def _solve(self) -> None:
@@ -198,10 +210,11 @@ class DependencyGraph:
                 detail = f"{t.spaces[int(sid)].label} ({why})" if why else t.spaces[int(sid)].label
             csid = cross_space[c]
             cross = f"{t.cross[int(csid)]} at {t.spaces[int(csid)].label}" if csid >= 0 else ""
-            members = self._members(g, group_spaces[g])
             if reason is None and counts[g] <= 1:
                 reason = Reason.SINGLE_CHANNEL
-            self.groups.append(Group(g, int(counts[g]), reason is None, reason, detail, cross, members, group_spaces[g]))
+            group = Group(g, int(counts[g]), reason is None, reason, detail, cross, group_spaces[g])
+            group._load_members = functools.partial(self._members, group)
+            self.groups.append(group)
         self._hide_weight_only_dims()
 
     def _hide_weight_only_dims(self) -> None:
@@ -215,7 +228,7 @@ class DependencyGraph:
                 keep.append(g)
                 continue
             owner, name = next(iter(tensors))
-            getattr_nodes = {n.name for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == (f"{owner}.{name}" if owner else name)}
+            getattr_nodes = {n.name for n in self.fx_graph.nodes if n.op == "get_attr" and n.target == (f"{owner}.{name}" if owner else name)}
             if not all(t.spaces[s].kind == "param" or t.spaces[s].node in getattr_nodes for s in g.spaces):
                 keep.append(g)
         if len(keep) == len(self.groups):
@@ -260,9 +273,10 @@ class DependencyGraph:
         s = self.table.spaces[sid]
         return np.arange(s.offset, s.offset + s.size)
 
-    def _members(self, g: int, spaces: list[int]) -> list[Member]:
+    def _members(self, group: Group) -> list[Member]:
         out = []
-        for sid in spaces:
+        g = group.id
+        for sid in group.spaces:
             s = self.table.spaces[sid]
             if s.kind != "param":
                 continue
@@ -329,12 +343,12 @@ class DependencyGraph:
         return f"DependencyGraph({len(self.table.spaces)} spaces, {len(self.groups)} groups, {n_pr} prunable)"
 
 
-def build_graph(gm: torch.fx.GraphModule, example_inputs=()) -> DependencyGraph:
-    """Dependency graph of an already traced ``GraphModule`` whose nodes carry ``meta['val']``."""
+def build_graph(traced: Traced, example_inputs=()) -> DependencyGraph:
+    """Dependency graph of a traced model whose nodes carry ``meta['val']``."""
     table = SpaceTable()
-    for node in gm.graph.nodes:
-        _couple_node(table, gm, node)
-    return DependencyGraph(gm, table, normalize_inputs(example_inputs) if example_inputs != () else ())
+    for node in traced.graph.nodes:
+        _couple_node(table, traced.root, node)
+    return DependencyGraph(traced, table, normalize_inputs(example_inputs) if example_inputs != () else ())
 
 
 def trace(model: nn.Module, example_inputs, leaf_modules=()) -> DependencyGraph:
@@ -346,8 +360,7 @@ def trace(model: nn.Module, example_inputs, leaf_modules=()) -> DependencyGraph:
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     >>> g = surgery.trace(net, torch.randn(1, 3, 16, 16))
     >>> [(grp.size, grp.prunable) for grp in g.groups]
-    [(8, True), (4, False)]
+    [(3, False), (8, True), (4, False)]
     """
     inputs = normalize_inputs(example_inputs)
-    gm = trace_module(model, inputs, leaf_modules)
-    return build_graph(gm, inputs)
+    return build_graph(trace_graph(model, inputs, leaf_modules), inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,8 +53,16 @@ class Group:
     reason: Reason | None
     reason_detail: str
     cross_channel: str  # "" when pruned == masked holds exactly; else what breaks it
-    members: list[Member] = field(repr=False)
     spaces: list[int] = field(repr=False)
+    _load_members: Callable[[], list[Member]] | None = field(default=None, repr=False, compare=False)
+    _members: list[Member] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def members(self) -> list[Member]:
+        """The parameter slices of the group (computed on first use)."""
+        if self._members is None:
+            self._members = self._load_members() if self._load_members is not None else []
+        return self._members
 
     @property
     def why(self) -> str:

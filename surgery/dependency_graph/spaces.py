@@ -50,6 +50,7 @@ class SpaceTable:
         self._aliases: dict[tuple[int, int], int] = {}
         self._edges_a: list[np.ndarray] = []
         self._edges_b: list[np.ndarray] = []
+        self._ranges: list[tuple[int, int, int]] = []
         self.stops: dict[int, tuple[Reason, str]] = {}
         self.cross: dict[int, str] = {}
         self.touched: set[int] = set()
@@ -57,7 +58,9 @@ class SpaceTable:
         #: node name -> the space an int (or tuple of ints) was read from, e.g. ``x.size(1)``
         self.int_source: dict[str, object] = {}
         #: pairs of spaces whose kept counts must agree (a dim sized by another tensor's size)
-        self.size_constraints: list[tuple[int, int]] = []  # space reaches a parameter through couplings made so far
+        self.size_constraints: list[tuple[int, int]] = []
+        #: node name -> the spaces of every tensor it produced (filled as nodes are registered)
+        self.node_spaces: dict[str, list[int]] = {}  # space reaches a parameter through couplings made so far
 
     # -- creation ---------------------------------------------------------------------------
     def _new(self, size: int, kind: str, node: str, path: tuple, dim: int, param: str = "") -> int:
@@ -118,8 +121,12 @@ class SpaceTable:
         sa, sb = self.spaces[a], self.spaces[b]
         if sa.size != sb.size:
             raise ValueError(f"identity coupling between spaces of different sizes: {sa.label} vs {sb.label}")
-        idx = np.arange(sa.size)
-        self.pairs(a, idx, b, idx)
+        self.touched.add(a)
+        self.touched.add(b)
+        if self.fed[a] or self.fed[b]:
+            self.fed[a] = self.fed[b] = True
+        if a != b:  # stored as a range, expanded in one vectorised step by edges()
+            self._ranges.append((sa.offset, sb.offset, sa.size))
 
     def offset(self, part: int, whole: int, start: int) -> None:
         """``part[i]`` is ``whole[start + i]`` (cat inputs, split outputs, slices)."""
@@ -170,6 +177,14 @@ class SpaceTable:
         self.cross.setdefault(sid, detail)
 
     def edges(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._edges_a:
+        """All couplings as two arrays of global atom ids."""
+        a, b = list(self._edges_a), list(self._edges_b)
+        if self._ranges:
+            r = np.array(self._ranges, dtype=np.int64)
+            lengths = r[:, 2]
+            within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            a.append(np.repeat(r[:, 0], lengths) + within)
+            b.append(np.repeat(r[:, 1], lengths) + within)
+        if not a:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(self._edges_a), np.concatenate(self._edges_b)
+        return np.concatenate(a), np.concatenate(b)

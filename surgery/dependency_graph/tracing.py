@@ -13,6 +13,7 @@ import linecache
 import os
 import traceback
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -21,7 +22,7 @@ from torch import nn
 from ..errors import TraceError
 from .shapes import fast_function_value, fast_module_value
 
-__all__ = ["trace_module", "normalize_inputs", "DEFAULT_LEAF_MODULES"]
+__all__ = ["Traced", "trace_graph", "trace_module", "propagate", "normalize_inputs", "DEFAULT_LEAF_MODULES"]
 
 #: Modules fx must not enter; each has its own op rule.
 DEFAULT_LEAF_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
@@ -83,7 +84,27 @@ def _leaf_options(leaf_modules: Iterable) -> tuple[tuple[type, ...], frozenset[s
     return tuple(types), frozenset(names)
 
 
-def _symbolic_trace(model: nn.Module, leaf_modules: Iterable) -> torch.fx.GraphModule:
+@dataclass
+class Traced:
+    """A traced model: the fx graph (every node with ``meta['val']``) and the module it calls into.
+
+    ``root`` is the user's model itself for the fx front end (nothing is copied); a ``GraphModule``
+    is only built when one is needed (``to_graph_module``), since building one costs more than
+    tracing on deep models.
+    """
+
+    root: nn.Module
+    graph: torch.fx.Graph
+    frontend: str  # "fx" or "export"
+    name: str
+
+    def to_graph_module(self) -> torch.fx.GraphModule:
+        gm = torch.fx.GraphModule(self.root, self.graph, self.name)
+        gm.meta["surgery_frontend"] = self.frontend
+        return gm
+
+
+def _symbolic_trace(model: nn.Module, leaf_modules: Iterable) -> Traced:
     types, names = _leaf_options(leaf_modules)
     tracer = _Tracer(types, names)
     try:
@@ -95,19 +116,42 @@ def _symbolic_trace(model: nn.Module, leaf_modules: Iterable) -> torch.fx.GraphM
             f"cannot trace {type(model).__name__}: {first}{where}; make the module that contains this code "
             f"a leaf (leaf_modules=[...], CLI --leaf NAME)"
         ) from exc
-    name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    return Traced(tracer.root, graph, "fx", type(model).__name__)
 
 
 class _ShapeRunner(torch.fx.Interpreter):
-    """Runs the graph and records each node's value under ``node.meta['val']``."""
+    """Runs the graph and records each node's value under ``node.meta['val']``.
+
+    With ``meta=True`` parameters are read as meta tensors: layers with a shape formula
+    (``shapes.py``) never touch them, other leaf modules run on meta copies of their own state.
+    """
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, meta: bool):
+        super().__init__(root, graph=graph)
+        self.meta = meta
+        self._meta_attrs: dict[str, torch.Tensor] = {}
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if self.meta and isinstance(value, torch.Tensor):
+            cached = self._meta_attrs.get(target)
+            if cached is None:
+                cached = self._meta_attrs[target] = value.detach().to("meta")
+            return cached
+        return value
 
     def call_module(self, target, args, kwargs):
-        value = fast_module_value(self.fetch_attr(target), args, kwargs)
-        return value if value is not None else super().call_module(target, args, kwargs)
+        module = super().fetch_attr(target)
+        if not self.meta:
+            return module(*args, **kwargs)
+        value = fast_module_value(module, args, kwargs)
+        if value is not None:
+            return value
+        state = {k: v.to("meta") for k, v in module.state_dict(keep_vars=True).items()}
+        return torch.func.functional_call(module, state, tuple(args), dict(kwargs), strict=False, tie_weights=False)
 
     def call_function(self, target, args, kwargs):
-        value = fast_function_value(target, args, kwargs)
+        value = fast_function_value(target, args, kwargs) if self.meta else None
         return value if value is not None else super().call_function(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node):
@@ -127,34 +171,28 @@ def _detach(value):
     return value
 
 
-class _Runner(nn.Module):
-    def __init__(self, gm: torch.fx.GraphModule):
-        super().__init__()
-        self.gm = gm
+def propagate(root: nn.Module, graph: torch.fx.Graph, inputs: Sequence) -> None:
+    """Record every node's value (on the meta device) under ``node.meta['val']``.
 
-    def forward(self, *args):
-        return _ShapeRunner(self.gm).run(*args)
-
-
-def _propagate(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
+    Runs on meta tensors; where an op has no meta kernel or its shapes depend on data, runs once
+    for real on the example inputs instead.
+    """
     meta_inputs = tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-    state = {f"gm.{k}": v.to("meta") for k, v in gm.state_dict(keep_vars=True).items()}
-    runner = _Runner(gm)
     with torch.no_grad():
         try:
-            torch.func.functional_call(runner, state, meta_inputs, strict=False, tie_weights=False)
+            _ShapeRunner(root, graph, meta=True).run(*meta_inputs)
             return
         except TraceError:
             pass  # an op without a meta kernel or with data-dependent shapes: run for real below
         try:
-            runner(*inputs)
+            _ShapeRunner(root, graph, meta=False).run(*inputs)
         except TraceError:
             raise
         except Exception as exc:
             raise TraceError(f"the model does not run on its example inputs: {exc}".splitlines()[0]) from exc
 
 
-def _export_trace(model: nn.Module, inputs: tuple, fx_error: TraceError) -> torch.fx.GraphModule:
+def _export_trace(model: nn.Module, inputs: tuple, fx_error: TraceError) -> Traced:
     """Second front end: ``torch.export`` (aten-level graph, parameters as ``get_attr``).
 
     Used where symbolic tracing fails, e.g. Python control flow on shapes, which export specialises
@@ -166,36 +204,41 @@ def _export_trace(model: nn.Module, inputs: tuple, fx_error: TraceError) -> torc
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"{fx_error} (torch.export fallback also failed: {first})") from exc
-    gm.meta["surgery_frontend"] = "export"
-    return gm
+    return Traced(gm, gm.graph, "export", type(model).__name__)
 
 
-def trace_module(model: nn.Module, example_inputs, leaf_modules: Iterable = (), fallback: bool = True) -> torch.fx.GraphModule:
-    """Trace ``model`` with ``torch.fx`` and record every node's value on the meta device.
+def trace_graph(model: nn.Module, example_inputs, leaf_modules: Iterable = (), fallback: bool = True) -> Traced:
+    """Trace ``model`` (fx, else ``torch.export`` when ``fallback``) and record every node's value.
 
-    Where symbolic tracing fails and ``fallback`` is true, ``torch.export`` is tried instead.
-
-    The returned ``GraphModule`` shares submodules with ``model``; callers that change it copy first.
-
-    Examples
-    --------
-    >>> import torch
-    >>> gm = trace_module(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8))
-    >>> [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_module"]
-    [(1, 8, 6, 6)]
+    The result refers to ``model``'s own submodules; callers that change anything copy first.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     with _eval_mode(model):
         try:
-            gm = _symbolic_trace(model, leaf_modules)
+            traced = _symbolic_trace(model, leaf_modules)
         except TraceError as fx_error:
             if not fallback:
                 raise
-            gm = _export_trace(model, inputs, fx_error)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            traced = _export_trace(model, inputs, fx_error)
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
         if len(inputs) > len(placeholders):
             raise TraceError(f"{len(inputs)} example inputs given but the model's forward takes {len(placeholders)}")
-        _propagate(gm, inputs)
-    return gm
+        propagate(traced.root, traced.graph, inputs)
+    return traced
+
+
+def trace_module(model: nn.Module, example_inputs, leaf_modules: Iterable = (), fallback: bool = True) -> torch.fx.GraphModule:
+    """Trace ``model`` into a ``GraphModule`` whose nodes carry their meta values.
+
+    The returned ``GraphModule`` shares submodules with ``model``; callers that change it copy first.
+
+    Examples
+    --------
+    >>> import torch
+    >>> gm = trace_module(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), torch.randn(1, 3, 8, 8))
+    >>> [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_module"]
+    [(1, 8, 6, 6)]
+    """
+    return trace_graph(model, example_inputs, leaf_modules, fallback).to_graph_module()
