@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -49,6 +50,7 @@ ModelArg = Annotated[str, typer.Argument(help="A model file (.pt/.pth pickle, .p
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224.")]
 Trust = Annotated[bool, typer.Option("--trust", help="Fully unpickle MODEL (runs code from the file: trusted files only).")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help="A state_dict file loaded into MODEL.")]
+Kwargs = Annotated[Optional[str], typer.Option("--kwargs", help="JSON keyword arguments for a spec's builder, e.g. '{\"num_classes\": 10}'.")]
 Leaf = Annotated[Optional[list[str]], typer.Option("--leaf", help="Qualified name of a module fx must not enter (repeatable).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and warnings.")]
 
@@ -108,9 +110,21 @@ def _check_output(path: Path | None, model: str, what: str = "output") -> None:
         raise SurgeryError(f"refusing to overwrite the input model {model} with the {what}")
 
 
-def _load(model: str, trust: bool, weights: Path | None, input_shape: str | None):
+def _builder_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SurgeryError(f"--kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SurgeryError(f"--kwargs must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _load(model: str, trust: bool, weights: Path | None, input_shape: str | None, kwargs: str | None = None):
     shape = parse_input_shape(input_shape) if input_shape else None
-    module, known, source = load_model(model, trust=trust, weights=weights)
+    module, known, source = load_model(model, trust=trust, weights=weights, kwargs=_builder_kwargs(kwargs))
     shape = shape or known
     if shape is None:
         raise SurgeryError(f"the input shape of {source} is unknown; pass --input-shape (e.g. 1,3,224,224)")
@@ -150,7 +164,7 @@ def prune(
     format: Annotated[str, typer.Option("--format", help="Checkpoint format: dense or csr.")] = "dense",
     plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
     plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
-    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, leaf: Leaf = None, debug: Debug = False,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
 
@@ -174,7 +188,7 @@ def prune(
                 plan_text = plan_in.read_text()
             except OSError as exc:
                 raise SurgeryError(f"cannot read plan {plan_in}: {exc.strerror or exc}") from None
-        net, x, source = _load(model, trust, weights, input_shape)
+        net, x, source = _load(model, trust, weights, input_shape, kwargs)
         before = stats(net, x)
         if plan_text is not None:
             p = Plan.from_json(plan_text)
@@ -226,7 +240,7 @@ def graph(
     model: ModelArg,
     format: Annotated[str, typer.Option("--format", "-f", help="text, json, dot, graphml or png.")] = "text",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
-    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, leaf: Leaf = None, debug: Debug = False,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Show the channel groups of MODEL, or export its dependency graph."""
 
@@ -238,7 +252,7 @@ def graph(
         if format == "png" and out is None:
             raise SurgeryError("--format png needs --out FILE")
         _check_output(out, model, "output")
-        net, x, source = _load(model, trust, weights, input_shape)
+        net, x, source = _load(model, trust, weights, input_shape, kwargs)
         dep = surgery.trace(net, x, tuple(leaf or ()))
         if format == "text":
             table = graph_export.groups_table(dep, f"{source}: {len(dep.groups)} groups, "
@@ -262,14 +276,14 @@ def graph(
 def stats(
     model: ModelArg,
     latency: Annotated[bool, typer.Option("--latency", help="Also time a forward pass on CPU.")] = False,
-    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, debug: Debug = False,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, debug: Debug = False,
 ) -> None:
     """Parameters and MACs of MODEL (and latency with --latency)."""
 
     def work():
         from surgery.stats import stats as model_stats
 
-        net, x, source = _load(model, trust, weights, input_shape)
+        net, x, source = _load(model, trust, weights, input_shape, kwargs)
         s = model_stats(net, x, latency=latency)
         table = Table(title=f"{escape(source)} at input {tuple(x.shape)}")
         table.add_column("")

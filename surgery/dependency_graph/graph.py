@@ -6,7 +6,9 @@ Building is one pass over the fx nodes (each op rule adds numpy couplings), then
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import operator
 from dataclasses import dataclass
 
@@ -363,4 +365,18 @@ def trace(model: nn.Module, example_inputs, leaf_modules=()) -> DependencyGraph:
     [(3, False), (8, True), (4, False)]
     """
     inputs = normalize_inputs(example_inputs)
-    return build_graph(trace_graph(model, inputs, leaf_modules), inputs)
+    with _gc_paused():
+        return build_graph(trace_graph(model, inputs, leaf_modules), inputs)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Tracing creates many small objects and no cycles worth collecting; a full collection every
+    few thousand allocations would make deep models quadratic."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
