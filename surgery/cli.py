@@ -28,6 +28,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import _graph_export as graph_export
@@ -93,6 +94,22 @@ def _run(debug: bool, work: Callable[[], None]) -> None:
         raise typer.Exit(1) from None
     finally:
         logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    """A transient rich progress bar on stdout; ``step(text)`` advances it (silent when piped)."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_out, transient=True) as bar:
+        task = bar.add_task("starting", total=total)
+        first = [True]
+
+        def step(text: str) -> None:
+            bar.update(task, description=escape(text), advance=0 if first[0] else 1)
+            first[0] = False
+
+        yield step
+        bar.update(task, completed=total)
 
 
 def _check_output(path: Path | None, model: str, what: str = "output") -> None:
@@ -171,7 +188,8 @@ def prune(
     def work():
         import surgery
         from surgery.methods import get_method
-        from surgery.plan import Plan, check_ratio
+        from surgery.plan import Plan, check_ratio, plan_from_graph
+        from surgery.rewrite import apply_to_graph
         from surgery.stats import stats
 
         if plan_in is None:
@@ -188,22 +206,31 @@ def prune(
                 plan_text = plan_in.read_text()
             except OSError as exc:
                 raise SurgeryError(f"cannot read plan {plan_in}: {exc.strerror or exc}") from None
-        net, x, source = _load(model, trust, weights, input_shape, kwargs)
-        before = stats(net, x)
-        if plan_text is not None:
-            p = Plan.from_json(plan_text)
-            pruned = surgery.apply(net, p)
-        else:
-            pruned = surgery.prune(net, x, method, ratio, policy="global" if global_ else "local",
-                                   layer_ratios=layer_ratios, leaf_modules=tuple(leaf or ()))
-            p = Plan.from_dict(pruned.meta["surgery_plan"])
-        after = stats(pruned, p.example_inputs())
-        meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
-                "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
-                "stats": {"before": before.as_dict(), "after": after.as_dict()}}
-        existed = out is not None and out.exists()
-        if out is not None:
-            checkpoint.save(pruned, out, format=format, metadata=meta)
+        with _progress(7) as step:
+            step(f"loading {model}")
+            net, x, source = _load(model, trust, weights, input_shape, kwargs)
+            step("counting params and MACs")
+            before = stats(net, x)
+            step("tracing the dependency graph")
+            graph = surgery.trace(net, x, tuple(leaf or ()))
+            if plan_text is not None:
+                step("checking the plan")
+                p = Plan.from_json(plan_text)
+            else:
+                step(f"scoring channels with {method}")
+                p = plan_from_graph(net, graph, method, ratio, policy="global" if global_ else "local",
+                                    layer_ratios=layer_ratios, leaf_modules=tuple(leaf or ()))
+            step("rebuilding the smaller model")
+            pruned = apply_to_graph(graph, p)
+            step("counting params and MACs")
+            after = stats(pruned, p.example_inputs())
+            meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
+                    "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
+                    "stats": {"before": before.as_dict(), "after": after.as_dict()}}
+            existed = out is not None and out.exists()
+            step(f"writing {out}" if out is not None else "done")
+            if out is not None:
+                checkpoint.save(pruned, out, format=format, metadata=meta)
         if plan_out is not None:
             try:
                 checkpoint.atomic_write(plan_out, p.to_json(indent=1))
