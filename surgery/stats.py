@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from .dependency_graph.tracing import eval_mode, normalize_inputs
 from .errors import TraceError
 
 __all__ = ["ModelStats", "stats"]
@@ -41,26 +41,6 @@ class ModelStats:
         if self.latency_ms is not None:
             text += f", {self.latency_ms:.2f} ms"
         return text
-
-
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TraceError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, restoring each module's own training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _one_line(exc: BaseException) -> str:
@@ -116,9 +96,9 @@ def stats(model: nn.Module, example_inputs: Any, latency: bool = False, runs: in
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    inputs = _as_tuple(example_inputs)
+    inputs = normalize_inputs(example_inputs)
     params = sum(p.numel() for p in model.parameters())
-    with _eval_mode(model):
+    with eval_mode(model):
         macs = _count_macs(model, inputs)
         latency_ms = None
         if latency:

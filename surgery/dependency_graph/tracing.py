@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import TraceError
 from .shapes import fast_function_value, fast_module_value
 
-__all__ = ["Traced", "trace_graph", "trace_module", "propagate", "normalize_inputs", "DEFAULT_LEAF_MODULES"]
+__all__ = ["eval_mode", "Traced", "trace_graph", "trace_module", "propagate", "normalize_inputs", "DEFAULT_LEAF_MODULES"]
 
 #: Modules fx must not enter; each has its own op rule.
 DEFAULT_LEAF_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
@@ -50,8 +50,9 @@ class _Tracer(torch.fx.Tracer):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Trace in eval mode (the branch users deploy) and restore every module's flag afterwards."""
+def eval_mode(model: nn.Module):
+    """Eval mode for the duration (traces take the branch users deploy); every module's own
+    training flag is restored afterwards, so the user's model is left as it was."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -215,7 +216,7 @@ def trace_graph(model: nn.Module, example_inputs, leaf_modules: Iterable = (), f
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             traced = _symbolic_trace(model, leaf_modules)
         except TraceError as fx_error:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import operator
 
-import numpy as np
 import torch
 import torch.fx
 from torch import nn
 
 from ..context import BuildCtx, RewriteCtx, tensor_slots
 from ._registry import function_rule, method_rule, module_rule
-from .common import couple_reshape, normalize_dims, op_name
+from .common import couple_reshape, op_name
 
 # -- reshape family -------------------------------------------------------------------------
 
@@ -389,20 +388,21 @@ def getitem(ctx: BuildCtx) -> None:
 # -- expand / repeat ------------------------------------------------------------------------
 
 
-def _rewrite_expand(ctx: RewriteCtx) -> None:
-    _rewrite_shape(ctx)
+def _aligned(ctx: BuildCtx, x):
+    """``(input dim, output dim, same size)`` for right-aligned dims (expand, repeat)."""
+    v, out = ctx.val(x), ctx.out_val()
+    off = out.dim() - v.dim()
+    return [(d, off + d, v.shape[d] == out.shape[off + d]) for d in range(v.dim())]
 
 
-@method_rule("expand", rewrite=_rewrite_expand)
+@method_rule("expand", rewrite=_rewrite_shape)
 def expand(ctx: BuildCtx) -> None:
     x = ctx.node.args[0]
     if not ctx.is_tensor(x):
         return
-    v, out = ctx.val(x), ctx.out_val()
-    off = out.dim() - v.dim()
-    for d in range(v.dim()):
-        if v.shape[d] == out.shape[off + d]:
-            ctx.identity(ctx.sp(x, d), ctx.out(off + d))
+    for d, o, same in _aligned(ctx, x):
+        if same:
+            ctx.identity(ctx.sp(x, d), ctx.out(o))
     couple_size_reads(ctx, _shape_values(ctx.node))
 
 
@@ -416,16 +416,14 @@ def expand_as(ctx: BuildCtx) -> None:
 
 @method_rule("repeat")
 def repeat(ctx: BuildCtx) -> None:
+    """Repeating a dim tiles it: entry ``j`` of the output is entry ``j % n`` of the input."""
     x = ctx.node.args[0]
     if not ctx.is_tensor(x):
         return
-    v, out = ctx.val(x), ctx.out_val()
-    off = out.dim() - v.dim()
-    for d in range(v.dim()):
-        if v.shape[d] == out.shape[off + d]:
-            ctx.identity(ctx.sp(x, d), ctx.out(off + d))
+    for d, o, same in _aligned(ctx, x):
+        if same:
+            ctx.identity(ctx.sp(x, d), ctx.out(o))
         else:
-            ctx.table.strided(ctx.sp(x, d), ctx.out(off + d))
+            ctx.table.strided(ctx.sp(x, d), ctx.out(o))
 
 
-__all__ = ["normalize_dims", "np"]
