@@ -332,3 +332,10 @@ def test_prune_pickled_model_leaves_input_alone(follow_ups, work):
     assert digest(work / "small.pt") == before
     assert (work / "small_out.pt").exists()
 
+
+
+def test_graph_png_is_a_picture(work):
+    pytest.importorskip("matplotlib")
+    r = run_cli(["graph", "torchvision:resnet18", *SHAPE, "--format", "png", "--out", "g.png"], work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
