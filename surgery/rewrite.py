@@ -66,29 +66,12 @@ def _zero_removed(gm: nn.Module, per_tensor) -> None:
                     t.index_fill_(dim, torch.from_numpy(np.flatnonzero(~kept)), 0.0)
 
 
-def _refresh_rnn_weights(gm: nn.Module) -> None:
-    for m in gm.modules():
-        if isinstance(m, nn.RNNBase):
-            m._init_flat_weights()
-
-
 def _changed(graph: DependencyGraph, node: torch.fx.Node, removed: np.ndarray) -> bool:
     """Whether any tensor dim the node reads or writes lost entries."""
-    table = graph.table
-    nodes = [node, *node.all_input_nodes]
-    for n in nodes:
-        for path, dim, sid in _tensor_spaces(table, n):
-            if not graph.space_kept(sid, removed).all():
-                return True
-    return False
-
-
-def _tensor_spaces(table, n: torch.fx.Node):
-    from .dependency_graph.context import tensor_slots
-
-    for path, t in tensor_slots(n.meta.get("val")):
-        for d in range(t.dim()):
-            yield path, d, table.tensor(n.name, path, d)
+    spaces = graph.table.node_spaces
+    return any(
+        not graph.space_kept(sid, removed).all() for n in (node, *node.all_input_nodes) for sid in spaces.get(n.name, ())
+    )
 
 
 def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np.ndarray) -> None:
@@ -99,7 +82,7 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np
             continue
         module = graph.root.get_submodule(old.target) if old.op == "call_module" else None
         rule = lookup(old, module)
-        if rule is None or not _changed(graph, old, removed) and old.op != "call_module":
+        if rule is None or (old.op != "call_module" and not _changed(graph, old, removed)):
             continue
         ctx = RewriteCtx(graph, old, new_nodes[old.name], removed)
         try:
@@ -124,7 +107,6 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> t
         _zero_removed(gm, per_tensor)
     else:
         gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor))
-        _refresh_rnn_weights(gm)
     if mode == "prune":
         _rewrite_nodes(gm, graph, removed)
         gm.graph.lint()
