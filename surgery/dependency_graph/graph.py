@@ -223,14 +223,21 @@ class DependencyGraph:
         """Drop 'groups' that are just an unshrinkable dim of one parameter (a conv kernel's height
         read through ``get_attr``): they are not channels. Ids are renumbered densely."""
         t = self.table
+        reads: dict[str, set[str]] = {}  # parameter target -> names of the get_attr nodes reading it
+        for n in self.fx_graph.nodes:
+            if n.op == "get_attr":
+                reads.setdefault(n.target, set()).add(n.name)
         keep = []
         for g in self.groups:
+            if g.prunable or g.reason is not Reason.FIXED_DIM:
+                keep.append(g)
+                continue
             tensors = {(m.module, m.param) for m in g.members}
-            if g.prunable or len(tensors) != 1 or g.reason is not Reason.FIXED_DIM:
+            if len(tensors) != 1:
                 keep.append(g)
                 continue
             owner, name = next(iter(tensors))
-            getattr_nodes = {n.name for n in self.fx_graph.nodes if n.op == "get_attr" and n.target == (f"{owner}.{name}" if owner else name)}
+            getattr_nodes = reads.get(f"{owner}.{name}" if owner else name, set())
             if not all(t.spaces[s].kind == "param" or t.spaces[s].node in getattr_nodes for s in g.spaces):
                 keep.append(g)
         if len(keep) == len(self.groups):
