@@ -44,14 +44,14 @@ def softmax(ctx: BuildCtx) -> None:
     x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs["input"]
     if not ctx.is_tensor(x):
         return
-    ctx.same_dims(x)
     nd = ctx.val(x).dim()
     if ctx.module is not None:
         dim = -3 if isinstance(ctx.module, nn.Softmax2d) else ctx.module.dim
     else:
         dim = ctx.arg(1, "dim", None)
-    if dim is None or not isinstance(dim, int):
-        return
+    if not isinstance(dim, int):
+        return  # implicit dim: which dim is normalised is not known here, so nothing is coupled
+    ctx.same_dims(x)
     ctx.cross(ctx.out(dim % nd), "softmax over the dim")
 
 
