@@ -122,8 +122,11 @@ def check_ratio(ratio, name: str = "ratio") -> float:
 
 
 def _group_ratio(group: Group, ratio: float, layer_ratios: dict[str, float]) -> float:
+    """A pattern names layers by their *output* channels: it matches the group's producer modules
+    (``conv2`` means conv2's filters, not the input columns of conv2 in the group before)."""
+    names = group.producers or group.modules[:1]
     for pattern, r in layer_ratios.items():
-        if any(fnmatch.fnmatchcase(m, pattern) for m in group.modules):
+        if any(fnmatch.fnmatchcase(m, pattern) for m in names):
             return r
     return ratio
 

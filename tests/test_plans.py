@@ -150,3 +150,59 @@ def test_tied_weights_are_pruned_alike():
     _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     assert pruned.a.weight.shape == (4, 6)
     assert torch.equal(pruned.a.weight, pruned.b.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# policies: global ranking and per-layer ratios
+# ---------------------------------------------------------------------------------------------
+
+
+def _dead_in_first_group(dead_units: list[int]) -> tuple[nn.Module, torch.Tensor, list]:
+    """DeadNet whose first prunable group has every slice of ``dead_units`` zeroed."""
+    torch.manual_seed(1)
+    model = DeadNet().eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    groups = surgery.trace(model, x).prunable_groups
+    with torch.no_grad():
+        for m in groups[0].members:
+            t = operator.attrgetter(m.name)(model)
+            t.index_fill_(m.dim, torch.as_tensor(m.indices[np.isin(m.units, dead_units)]), 0.0)
+    return model, x, groups
+
+
+def test_global_policy_takes_the_weakest_channels_across_groups():
+    """Four dead channels in one group, none in the other: a global 25% cut (4 of 16) takes exactly
+    the dead ones, where the local policy takes two from each group."""
+    model, x, groups = _dead_in_first_group([0, 2, 4, 6])
+    glob = surgery.plan(model, x, method="l1", ratio=0.25, policy="global")
+    assert {g.id: g.removed for g in glob.groups} == {groups[0].id: [0, 2, 4, 6]}
+    local = surgery.plan(model, x, method="l1", ratio=0.25)
+    assert sorted(len(g.removed) for g in local.groups) == [2, 2]
+    assert set(local.removed_units()[groups[0].id]) <= {0, 2, 4, 6}
+    pruned = surgery.apply(model, glob)
+    assert pruned.conv1.out_channels == 4 and pruned.conv2.out_channels == 8
+    assert rel_err(_out(pruned, x), _out(model, x)) < 1e-5  # only dead channels went
+
+
+def test_global_policy_keeps_one_channel_per_group():
+    model, x, groups = _dead_in_first_group(list(range(8)))  # a whole group scores zero
+    p = surgery.plan(model, x, method="l1", ratio=0.9, policy="global")
+    assert p.n_removed == int(0.9 * 16)
+    assert all(len(g.keep) >= 1 for g in p.groups)
+
+
+def test_layer_ratios_override_the_default_for_matching_modules():
+    model, x, groups = _dead_in_first_group([])
+    p = surgery.plan(model, x, method="l1", ratio=0.5, layer_ratios={"conv2": 0.75})
+    removed = {g.id: len(g.removed) for g in p.groups}
+    by_module = {g.label.split(" ")[0]: removed[g.id] for g in groups}
+    assert by_module == {"conv1": 4, "conv2": 6}
+
+
+def test_bad_policy_and_layer_ratio_are_refused():
+    model, x, _ = _dead_in_first_group([])
+    with pytest.raises(PlanError, match="unknown policy 'best'"):
+        surgery.plan(model, x, policy="best")
+    with pytest.raises(PlanError, match="ratio for 'conv2'"):
+        surgery.plan(model, x, layer_ratios={"conv2": 1.5})

@@ -214,7 +214,7 @@ class DependencyGraph:
             cross = f"{t.cross[int(csid)]} at {t.spaces[int(csid)].label}" if csid >= 0 else ""
             if reason is None and counts[g] <= 1:
                 reason = Reason.SINGLE_CHANNEL
-            group = Group(g, int(counts[g]), reason is None, reason, detail, cross, group_spaces[g])
+            group = Group(g, int(counts[g]), reason is None, reason, detail, cross, group_spaces[g], self._producers(group_spaces[g]))
             group._load_members = functools.partial(self._members, group)
             self.groups.append(group)
         self._hide_weight_only_dims()
@@ -277,6 +277,16 @@ class DependencyGraph:
                 extra_a.append(self._atoms(sa))
                 extra_b.append(self._atoms(sb))
             pending = [c for c in pending if c not in unmet]
+
+    def _producers(self, spaces: list[int]) -> list[str]:
+        """Modules whose output tensor has a space in the group (in graph order, no repeats)."""
+        out: dict[str, None] = {}
+        for sid in spaces:
+            s = self.table.spaces[sid]
+            node = self._nodes.get(s.node) if s.kind == "tensor" else None
+            if node is not None and node.op == "call_module":
+                out.setdefault(node.target)
+        return list(out)
 
     def _atoms(self, sid: int) -> np.ndarray:
         s = self.table.spaces[sid]

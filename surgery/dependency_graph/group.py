@@ -54,6 +54,7 @@ class Group:
     reason_detail: str
     cross_channel: str  # "" when pruned == masked holds exactly; else what breaks it
     spaces: list[int] = field(repr=False)
+    producers: list[str] = field(default_factory=list)  # modules whose outputs carry these channels
     _load_members: Callable[[], list[Member]] | None = field(default=None, repr=False, compare=False)
     _members: list[Member] | None = field(default=None, repr=False, compare=False)
 
