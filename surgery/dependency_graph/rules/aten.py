@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..context import BuildCtx, RewriteCtx
-from . import conv, elementwise, linear, norm, pooling, reduce, shape
+from . import conv, elementwise, linear, norm, pooling, reduce, shape, slicing
 from ._registry import function_rule
 
 aten = torch.ops.aten
@@ -40,15 +40,15 @@ function_rule(*_ops(
     "mul.Scalar", "sub.Scalar", "div.Scalar", "pow.Tensor_Scalar", "where.self", "maximum", "minimum",
 ))(elementwise.elementwise_broadcast)
 
-function_rule(*_ops("cat"))(shape.cat)
-function_rule(*_ops("stack"))(shape.stack)
+function_rule(*_ops("cat"))(slicing.cat)
+function_rule(*_ops("stack"))(slicing.stack)
 function_rule(*_ops("view", "reshape", "_unsafe_view"), rewrite=shape._rewrite_shape)(shape.reshape)
 function_rule(*_ops("flatten.using_ints", "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze"))(shape.reshape_no_constants)
 function_rule(*_ops("permute", "transpose.int", "t"))(shape.permute)
 function_rule(*_ops("expand"), rewrite=shape._rewrite_shape)(shape.expand)
-function_rule(*_ops("unbind.int"))(shape.unbind)
-function_rule(*_ops("chunk"), rewrite=shape._rewrite_chunk_like)(shape.chunk)
-function_rule(*_ops("split_with_sizes"), rewrite=shape._rewrite_split)(shape.split)
+function_rule(*_ops("unbind.int"))(slicing.unbind)
+function_rule(*_ops("chunk"), rewrite=slicing._rewrite_chunk_like)(slicing.chunk)
+function_rule(*_ops("split_with_sizes"), rewrite=slicing._rewrite_split)(slicing.split)
 
 
 def _rewrite_split_tensor(ctx: RewriteCtx) -> None:
@@ -56,11 +56,11 @@ def _rewrite_split_tensor(ctx: RewriteCtx) -> None:
     x = ctx.old.args[0]
     dim = ctx.old_arg(2, "dim", 0) % x.meta["val"].dim()
     ctx.node.target = aten.split_with_sizes.default
-    ctx.node.args = (ctx.node.args[0], shape._new_part_sizes(ctx, dim), dim)
+    ctx.node.args = (ctx.node.args[0], slicing._new_part_sizes(ctx, dim), dim)
     ctx.node.kwargs = {}
 
 
-function_rule(*_ops("split.Tensor"), rewrite=_rewrite_split_tensor)(shape.split)
+function_rule(*_ops("split.Tensor"), rewrite=_rewrite_split_tensor)(slicing.split)
 
 for _op, _spatial in ((_ops("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2d"), 2),
                       (_ops("adaptive_avg_pool1d", "max_pool1d", "avg_pool1d"), 1)):

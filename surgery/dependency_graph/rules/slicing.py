@@ -1,0 +1,237 @@
+"""Ops that place channels at offsets along one dim: cat/stack, the split family, indexing."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from ..context import BuildCtx, RewriteCtx, tensor_slots
+from ._registry import function_rule, method_rule
+
+
+# -- cat / stack ----------------------------------------------------------------------------
+
+
+def _tensor_list(ctx: BuildCtx, seq) -> list[torch.fx.Node] | None:
+    if isinstance(seq, torch.fx.Node):
+        return None  # a whole tuple-valued node: positions are unknown here
+    items = list(seq)
+    if not all(ctx.is_tensor(t) for t in items):
+        return None
+    return items
+
+
+@function_rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: BuildCtx) -> None:
+    items = _tensor_list(ctx, ctx.arg(0, "tensors"))
+    if not items:
+        return
+    out = ctx.out_val()
+    dim = ctx.arg(1, "dim", 0) % out.dim()
+    start = 0
+    for t in items:
+        v = t.meta["val"]
+        if v.dim() != out.dim():
+            return
+        for d in range(out.dim()):
+            if d == dim:
+                ctx.table.offset(ctx.sp(t, d), ctx.out(d), start)
+            elif v.shape[d] == out.shape[d]:
+                ctx.identity(ctx.sp(t, d), ctx.out(d))
+        start += v.shape[dim]
+
+
+@function_rule(torch.stack)
+def stack(ctx: BuildCtx) -> None:
+    items = _tensor_list(ctx, ctx.arg(0, "tensors"))
+    if not items:
+        return
+    out = ctx.out_val()
+    dim = ctx.arg(1, "dim", 0) % out.dim()
+    for t in items:
+        for d in range(t.meta["val"].dim()):
+            ctx.identity(ctx.sp(t, d), ctx.out(d if d < dim else d + 1))
+
+
+# -- split family -------------------------------------------------------------------------
+
+
+def _split_parts(ctx: BuildCtx, x, dim: int) -> None:
+    out = ctx.out_val()
+    start = 0
+    nd = x.meta["val"].dim()
+    for i, part in enumerate(out):
+        if not isinstance(part, torch.Tensor) or part.dim() != nd:
+            return
+        for d in range(nd):
+            if d == dim:
+                ctx.table.offset(ctx.out(d, (i,)), ctx.sp(x, d), start)
+            else:
+                ctx.identity(ctx.sp(x, d), ctx.out(d, (i,)))
+        start += part.shape[dim]
+
+
+def _new_part_sizes(ctx: RewriteCtx, dim: int) -> list[int]:
+    return [ctx.new_size(ctx.old, dim, (i,)) for i in range(len(ctx.old.meta["val"]))]
+
+
+def _rewrite_split(ctx: RewriteCtx) -> None:
+    x = ctx.old.args[0]
+    dim = ctx.old_arg(2, "dim", 0) % x.meta["val"].dim()
+    ctx.set_arg(1, "split_size_or_sections" if "split_size_or_sections" in ctx.node.kwargs else "split_size", _new_part_sizes(ctx, dim))
+
+
+def _rewrite_chunk_like(ctx: RewriteCtx) -> None:
+    """chunk/tensor_split(n) may give unequal parts after pruning: become ``torch.split(sizes)``."""
+    x = ctx.old.args[0]
+    dim = ctx.old_arg(2, "dim", 0) % x.meta["val"].dim()
+    sizes = _new_part_sizes(ctx, dim)
+    ctx.node.op = "call_function"
+    ctx.node.target = torch.split
+    ctx.node.args = (ctx.node.args[0], sizes, dim)
+    ctx.node.kwargs = {}
+
+
+@function_rule(torch.split, rewrite=_rewrite_split)
+@method_rule("split", rewrite=_rewrite_split)
+def split(ctx: BuildCtx) -> None:
+    x = ctx.node.args[0]
+    if ctx.is_tensor(x):
+        _split_parts(ctx, x, ctx.arg(2, "dim", 0) % ctx.val(x).dim())
+
+
+@function_rule(torch.chunk, torch.tensor_split, rewrite=_rewrite_chunk_like)
+@method_rule("chunk", "tensor_split", rewrite=_rewrite_chunk_like)
+def chunk(ctx: BuildCtx) -> None:
+    x = ctx.node.args[0]
+    if ctx.is_tensor(x) and isinstance(ctx.arg(1, None), int):
+        _split_parts(ctx, x, ctx.arg(2, "dim", 0) % ctx.val(x).dim())
+
+
+@function_rule(torch.unbind)
+@method_rule("unbind")
+def unbind(ctx: BuildCtx) -> None:
+    x = ctx.node.args[0]
+    if not ctx.is_tensor(x):
+        return
+    nd = ctx.val(x).dim()
+    dim = ctx.arg(1, "dim", 0) % nd
+    for i in range(len(ctx.out_val())):
+        for d in range(nd):
+            if d != dim:
+                ctx.identity(ctx.sp(x, d), ctx.out(d if d < dim else d - 1, (i,)))
+
+
+# -- indexing -------------------------------------------------------------------------------
+
+
+def _index_plan(ctx_val, index) -> list[tuple] | None:
+    """Per index item: ('slice', in_dim, out_dim, slice) | ('int', in_dim) | ('new', out_dim)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
+    nd = ctx_val.dim()
+    plan, i, o = [], 0, 0
+    for it in items:
+        if it is Ellipsis:
+            for _ in range(nd - consuming):
+                plan.append(("slice", i, o, slice(None)))
+                i += 1
+                o += 1
+        elif it is None:
+            plan.append(("new", o))
+            o += 1
+        elif isinstance(it, slice):
+            plan.append(("slice", i, o, it))
+            i += 1
+            o += 1
+        elif isinstance(it, int):
+            plan.append(("int", i))
+            i += 1
+        else:
+            return None  # tensor / node index: advanced indexing, stopped
+    while i < nd:
+        plan.append(("slice", i, o, slice(None)))
+        i += 1
+        o += 1
+    return plan
+
+
+def _const_slice(s: slice, size: int) -> tuple[int, int] | None:
+    if any(isinstance(v, torch.fx.Node) for v in (s.start, s.stop, s.step)):
+        return None
+    if s.step not in (None, 1):
+        return None
+    start, stop, _ = s.indices(size)
+    return start, max(start, stop)
+
+
+def _rewrite_getitem(ctx: RewriteCtx) -> None:
+    src = ctx.old.args[0]
+    if not isinstance(src.meta.get("val"), torch.Tensor):
+        return
+    plan = _index_plan(src.meta["val"], ctx.old.args[1])
+    if plan is None:
+        return
+    items = list(ctx.node.args[1]) if isinstance(ctx.node.args[1], tuple) else [ctx.node.args[1]]
+    changed = False
+    for k, step in enumerate(plan):
+        if step[0] != "slice" or step[3] == slice(None):
+            continue
+        _, d, _, s = step
+        kept = ctx.kept(src, d)
+        bounds = _const_slice(s, kept.size)
+        if bounds is None:
+            continue
+        new = slice(int(kept[: bounds[0]].sum()), int(kept[: bounds[1]].sum()))
+        # find the item in the original index list that produced this plan step
+        pos = _item_position(ctx.old.args[1], k, src.meta["val"].dim())
+        if pos is not None and items[pos] != new:
+            items[pos] = new
+            changed = True
+    if changed:
+        ctx.set_arg(1, None, tuple(items) if isinstance(ctx.node.args[1], tuple) else items[0])
+
+
+def _item_position(index, plan_pos: int, nd: int) -> int | None:
+    items = list(index) if isinstance(index, tuple) else [index]
+    consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
+    k = 0
+    for pos, it in enumerate(items):
+        width = nd - consuming if it is Ellipsis else 1
+        if plan_pos < k + width:
+            return None if it is Ellipsis else pos
+        k += width
+    return None
+
+
+@function_rule(operator.getitem, rewrite=_rewrite_getitem)
+def getitem(ctx: BuildCtx) -> None:
+    src, index = ctx.node.args[0], ctx.node.args[1]
+    value = ctx.val(src)
+    ints = ctx.table.int_source.get(src.name) if isinstance(src, torch.fx.Node) else None
+    if isinstance(ints, tuple) and isinstance(index, int):
+        ctx.table.int_source[ctx.node.name] = ints[index]
+        return
+    if isinstance(value, (tuple, list)):
+        if isinstance(index, int):
+            for path, t in tensor_slots(ctx.out_val()):
+                for d in range(t.dim()):
+                    ctx.identity(ctx.sp(src, d, (index,) + path), ctx.out(d, path))
+        return
+    if not isinstance(value, torch.Tensor):
+        return
+    plan = _index_plan(value, index)
+    if plan is None:
+        return
+    for step in plan:
+        if step[0] != "slice":
+            continue
+        _, d, o, s = step
+        if s == slice(None):
+            ctx.identity(ctx.sp(src, d), ctx.out(o))
+            continue
+        bounds = _const_slice(s, value.shape[d])
+        if bounds is not None and bounds[1] > bounds[0]:
+            ctx.table.offset(ctx.out(o), ctx.sp(src, d), bounds[0])
