@@ -148,22 +148,11 @@ def _decode_tensors(table: dict, raw: dict[str, torch.Tensor]) -> dict[str, torc
 def _as_graph_module(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule):
         return model
-    from .dependency_graph.tracing import DEFAULT_LEAF_MODULES, trace_module
+    from .dependency_graph.tracing import _symbolic_trace, trace_module
 
     if example_inputs is not None:
         return trace_module(model, example_inputs)
-
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return isinstance(m, DEFAULT_LEAF_MODULES) or super().is_leaf_module(m, qualname)
-
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SurgeryError(f"cannot save {type(model).__name__}: torch.fx cannot trace it ({first})") from None
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return _symbolic_trace(model, ()).to_graph_module()
 
 
 def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = None, *, example_inputs=None) -> None:

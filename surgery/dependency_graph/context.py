@@ -139,9 +139,7 @@ class RewriteCtx:
         v = self.graph.gm_node(name).meta["val"]
         for p in path:
             v = v[p]
-        sid = table.tensor(name, path, dim % max(v.dim(), 1))
-        s = table.spaces[sid]
-        return ~self._removed[self.graph.atom_comp[s.offset : s.offset + s.size]]
+        return self.graph.space_kept(table.tensor(name, path, dim % max(v.dim(), 1)), self._removed)
 
     def new_size(self, x: torch.fx.Node | str, dim: int, path: tuple = ()) -> int:
         return int(self.kept(x, dim, path).sum())
@@ -160,7 +158,3 @@ class RewriteCtx:
             self.node.kwargs = kwargs
         else:
             raise KeyError(index)
-
-    def in_node(self, x):
-        """The old-graph node that corresponds to an argument (for size look-ups)."""
-        return x

@@ -38,10 +38,7 @@ def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def _slot_spaces(table: SpaceTable, node: torch.fx.Node) -> list[int]:
-    spaces = table.node_spaces.get(node.name)
-    if spaces is None:
-        spaces = [table.tensor(node.name, path, d) for path, t in tensor_slots(node.meta.get("val")) for d in range(t.dim())]
-    return spaces
+    return table.node_spaces[node.name]  # nodes are registered in graph order, before any user
 
 
 def _read_spaces(table: SpaceTable, node: torch.fx.Node, arg: torch.fx.Node) -> list[int]:
@@ -146,12 +143,12 @@ class DependencyGraph:
 
         stop_space = np.full(ncomp, -1, dtype=np.int64)
         for sid in sorted(t.stops):
-            comps = atom_comp[self._atoms(sid)]
+            comps = atom_comp[self.table.atoms(sid)]
             fresh = comps[stop_space[comps] < 0]
             stop_space[fresh] = sid
         cross_space = np.full(ncomp, -1, dtype=np.int64)
         for sid in sorted(t.cross):
-            cross_space[atom_comp[self._atoms(sid)]] = sid
+            cross_space[atom_comp[self.table.atoms(sid)]] = sid
 
         is_param = np.zeros(len(t.spaces), dtype=bool)
         is_param[[s.id for s in t.spaces if s.kind == "param"]] = True
@@ -268,14 +265,14 @@ class DependencyGraph:
             comp = comp.astype(np.int64)  # int32 labels overflow in the signature keys
             unmet = []
             for sa, sb in pending:
-                ca, cb = comp[self._atoms(sa)], comp[self._atoms(sb)]
+                ca, cb = comp[self.table.atoms(sa)], comp[self.table.atoms(sb)]
                 if not np.array_equal(np.sort(ca), np.sort(cb)):
                     unmet.append((sa, sb))
             if not unmet:
                 return ncomp, comp
             for sa, sb in unmet:
-                extra_a.append(self._atoms(sa))
-                extra_b.append(self._atoms(sb))
+                extra_a.append(self.table.atoms(sa))
+                extra_b.append(self.table.atoms(sb))
             pending = [c for c in pending if c not in unmet]
 
     def _producers(self, spaces: list[int]) -> list[str]:
@@ -287,10 +284,6 @@ class DependencyGraph:
             if node is not None and node.op == "call_module":
                 out.setdefault(node.target)
         return list(out)
-
-    def _atoms(self, sid: int) -> np.ndarray:
-        s = self.table.spaces[sid]
-        return np.arange(s.offset, s.offset + s.size)
 
     def _members(self, group: Group) -> list[Member]:
         out = []

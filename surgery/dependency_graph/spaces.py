@@ -79,9 +79,6 @@ class SpaceTable:
             sid = self._tensor[key] = self._new(size, "tensor", node, path, dim)
         return sid
 
-    def has_tensor(self, node: str, path: tuple) -> bool:
-        return (node, path, 0) in self._tensor
-
     def param(self, owner: str, name: str, dim: int, size: int, tensor=None) -> int:
         """Space of one dim of a parameter/buffer. Passing ``tensor`` ties the dims of one tensor
         reached under several names (tied weights), so all names are sliced alike."""

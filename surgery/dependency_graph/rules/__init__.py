@@ -2,6 +2,6 @@
 
 from . import attention, conv, elementwise, linear, norm, pooling, reduce, rnn, shape, slicing, torchvision_ops  # noqa: F401
 from . import aten  # noqa: F401,E402  (reuses the rules above)
-from ._registry import OpRule, function_rule, lookup, method_rule, module_rule, registered_rules
+from ._registry import OpRule, function_rule, lookup, method_rule, module_rule
 
-__all__ = ["OpRule", "function_rule", "lookup", "method_rule", "module_rule", "registered_rules"]
+__all__ = ["OpRule", "function_rule", "lookup", "method_rule", "module_rule"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch.fx
 from torch import nn
 
-__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup", "registered_rules"]
+__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup"]
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,3 @@ def lookup(node: torch.fx.Node, module: nn.Module | None = None) -> OpRule | Non
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
-
-
-def registered_rules() -> dict[str, list[str]]:
-    """Names of everything with a rule, for docs and ``surgery graph --rules``."""
-    return {
-        "modules": sorted(t.__name__ for t in _MODULES),
-        "functions": sorted(getattr(f, "__name__", repr(f)) for f in _FUNCTIONS),
-        "methods": sorted(_METHODS),
-    }

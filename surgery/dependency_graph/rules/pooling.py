@@ -31,7 +31,7 @@ def _keep_leading(ctx: BuildCtx, spatial: int) -> None:
 
 @module_rule(*_SPATIAL_MODULES)
 def spatial_module(ctx: BuildCtx) -> None:
-    _keep_leading(ctx, _SPATIAL_MODULES[type(ctx.module)] if type(ctx.module) in _SPATIAL_MODULES else 2)
+    _keep_leading(ctx, _SPATIAL_MODULES.get(type(ctx.module), 2))
 
 
 @function_rule(*_SPATIAL_FUNCTIONS)

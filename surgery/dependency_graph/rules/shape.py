@@ -86,10 +86,8 @@ def reshape_no_constants(ctx: BuildCtx) -> None:
 def _rewrite_unflatten(ctx: RewriteCtx) -> None:
     dim = ctx.old_arg(1, "dim")
     sizes = ctx.old_arg(2, "sizes")
-    nd = ctx.old.meta["val"].dim()
-    d0 = dim % (ctx.old.args[0].meta["val"].dim())
+    d0 = dim % ctx.old.args[0].meta["val"].dim()
     new = [ctx.new_size(ctx.old, d0 + i) if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
-    del nd
     ctx.set_arg(2, "sizes", tuple(new))
 
 
