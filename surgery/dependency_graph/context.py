@@ -7,12 +7,11 @@ import torch
 import torch.fx
 from torch import nn
 
+from .arguments import MISSING, NodeArgs
 from .reasons import Reason
 from .spaces import SpaceTable
 
 __all__ = ["BuildCtx", "RewriteCtx", "tensor_slots", "MISSING"]
-
-MISSING = object()
 
 
 def tensor_slots(value, path: tuple = ()):
@@ -24,28 +23,26 @@ def tensor_slots(value, path: tuple = ()):
             yield from tensor_slots(v, path + (i,))
 
 
-def _arg(node: torch.fx.Node, index: int, name: str | None, default):
-    if index is not None and index < len(node.args):
-        return node.args[index]
-    if name is not None and name in node.kwargs:
-        return node.kwargs[name]
-    if default is MISSING:
-        raise KeyError(f"{node.format_node()} has no argument {name or index}")
-    return default
-
-
 class BuildCtx:
     """Context handed to ``OpRule.couple``."""
 
-    def __init__(self, table: SpaceTable, node: torch.fx.Node, module: nn.Module | None):
+    def __init__(self, table: SpaceTable, node: torch.fx.Node, module: nn.Module | None, aliases=()):
         self.table = table
         self.node = node
         self.module = module
         self.owner = node.target if node.op == "call_module" else ""
+        self.args = NodeArgs(node, module, dict(aliases))
 
     # -- arguments ------------------------------------------------------------------------
     def arg(self, index: int | None, name: str | None = None, default=MISSING):
-        return _arg(self.node, index, name, default)
+        """Argument ``name`` of the op (``index``: its position in the op's signature), passed by
+        position or keyword; dims come back non-negative (see ``arguments.py``)."""
+        return self.args.get(index, name, default)
+
+    @property
+    def input(self):
+        """The op's first argument (``input`` / ``self`` / ``tensor``), however it was passed."""
+        return self.args.get(0, "input", None)
 
     @staticmethod
     def val(x):
@@ -131,6 +128,17 @@ class RewriteCtx:
         self.old = old_node
         self.node = new_node
         self._removed = removed
+        self._old_args: NodeArgs | None = None
+
+    @property
+    def old_args(self) -> NodeArgs:
+        if self._old_args is None:
+            from .rules._registry import lookup  # rules import this module
+
+            module = self.graph.root.get_submodule(self.old.target) if self.old.op == "call_module" else None
+            rule = lookup(self.old, module)
+            self._old_args = NodeArgs(self.old, module, dict(rule.aliases) if rule is not None else {})
+        return self._old_args
 
     def kept(self, x: torch.fx.Node | str, dim: int, path: tuple = ()) -> np.ndarray:
         """Boolean mask of the entries of ``x``'s dim that survive."""
@@ -145,16 +153,17 @@ class RewriteCtx:
         return int(self.kept(x, dim, path).sum())
 
     def old_arg(self, index: int | None, name: str | None = None, default=MISSING):
-        return _arg(self.old, index, name, default)
+        """Argument of the node before pruning, read as ``BuildCtx.arg`` reads it."""
+        return self.old_args.get(index, name, default)
 
     def set_arg(self, index: int | None, name: str | None, value) -> None:
-        if index is not None and index < len(self.node.args):
+        """Replace argument ``(index, name)`` of the new node where the call site passed it."""
+        kind, where = self.old_args.slot(index, name)
+        if kind == "arg":
             args = list(self.node.args)
-            args[index] = value
+            args[where] = value
             self.node.args = tuple(args)
-        elif name is not None:
-            kwargs = dict(self.node.kwargs)
-            kwargs[name] = value
-            self.node.kwargs = kwargs
         else:
-            raise KeyError(index)
+            kwargs = dict(self.node.kwargs)
+            kwargs[where] = value
+            self.node.kwargs = kwargs

@@ -45,8 +45,8 @@ def _read_spaces(table: SpaceTable, node: torch.fx.Node, arg: torch.fx.Node) -> 
     """Spaces of ``arg`` that ``node`` reads: only the selected element for ``tuple_value[i]``."""
     if node.target is operator.getitem and node.args[0] is arg and isinstance(node.args[1], int):
         value = arg.meta.get("val")
-        if isinstance(value, (tuple, list)):
-            i = node.args[1]
+        if isinstance(value, (tuple, list)) and -len(value) <= node.args[1] < len(value):
+            i = node.args[1] % len(value)
             return [table.tensor(arg.name, (i,) + p, d) for p, t in tensor_slots(value[i]) for d in range(t.dim())]
     return _slot_spaces(table, arg)
 
@@ -91,7 +91,7 @@ def _couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
             table.stop(sid, Reason.UNSUPPORTED_OP, f"{what} ({node.name})")
         return
     table.touched = set()
-    ctx = BuildCtx(table, node, module)
+    ctx = BuildCtx(table, node, module, rule.aliases)
     rule.couple(ctx)
     touched = table.touched
     for sid in ins:

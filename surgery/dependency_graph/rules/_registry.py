@@ -10,7 +10,10 @@ A rule has up to three parts:
 * ``fix(module, ctx)``: after a module's parameters were sliced, updates its size attributes
   (``in_channels``, ``num_features``, ...).
 
-An op with no rule stops every space it touches (reason ``UNSUPPORTED_OP``).
+An op with no rule stops every space it touches (reason ``UNSUPPORTED_OP``), and so does an op whose
+rule raises while coupling it (the reason's detail names the node and the error); the trace goes on.
+Rules read their arguments through ``ctx.arg(index, name, default)``, normalised once for all rules in
+``arguments.py`` (positional or keyword, non-negative dims).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class OpRule:
     couple: Callable
     rewrite: Callable | None = None
     fix: Callable | None = None
+    #: renamed parameters, ``(("indices", "input"),)``: the rule reads them under the new name
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 _MODULES: dict[type, OpRule] = {}
@@ -54,11 +59,15 @@ def module_rule(*types: type[nn.Module], rewrite=None, fix=None):
     return deco
 
 
-def function_rule(*functions, rewrite=None):
-    """Register ``couple`` for ``call_function`` targets (the function objects themselves)."""
+def function_rule(*functions, rewrite=None, aliases: dict[str, str] | None = None):
+    """Register ``couple`` for ``call_function`` targets (the function objects themselves).
+
+    ``aliases`` renames parameters of these functions to the names the rule reads (``aten.embedding``
+    takes ``(weight, indices)`` where ``F.embedding`` takes ``(input, weight)``).
+    """
 
     def deco(couple):
-        _register(_FUNCTIONS, functions, OpRule(couple.__name__, couple, rewrite))
+        _register(_FUNCTIONS, functions, OpRule(couple.__name__, couple, rewrite, aliases=tuple((aliases or {}).items())))
         return couple
 
     return deco

@@ -79,7 +79,7 @@ function_rule(*_ops("group_norm"), rewrite=norm._rewrite_group_norm)(norm.functi
 @function_rule(*_ops("batch_norm", "_native_batch_norm_legit_no_training"))
 def aten_batch_norm(ctx: BuildCtx) -> None:
     """(input, weight, bias, running_mean, running_var, ...): per-channel parameters on dim 1."""
-    x = ctx.node.args[0]
+    x = ctx.input
     out_path = () if isinstance(ctx.out_val(), torch.Tensor) else (0,)
     ctx.same_dims(x, out_path=out_path)
     for t in ctx.node.args[1:5]:
@@ -103,7 +103,7 @@ def _slice_bounds(node, size: int) -> tuple[int, int]:
 
 @function_rule(*_ops("slice.Tensor"), rewrite=_rewrite_slice)
 def aten_slice(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     nd = ctx.val(x).dim()
     dim = ctx.arg(1, "dim", 0) % nd
     step = ctx.arg(4, "step", 1)

@@ -69,7 +69,7 @@ if _swin is not None:
 
     @function_rule(_swin._patch_merging_pad)
     def swin_patch_merging_pad(ctx: BuildCtx) -> None:
-        x = ctx.node.args[0]
+        x = ctx.input
         nd = ctx.val(x).dim()
         for d in range(nd - 3):
             ctx.identity(ctx.sp(x, d), ctx.out(d))

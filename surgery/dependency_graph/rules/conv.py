@@ -46,7 +46,7 @@ def _fix_conv(module: nn.modules.conv._ConvNd, ctx: RewriteCtx) -> None:
 @module_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, fix=_fix_conv)
 def conv(ctx: BuildCtx) -> None:
     m = ctx.module
-    x = ctx.node.args[0]
+    x = ctx.input
     spatial = len(m.kernel_size)
     w_out = ctx.p("weight", 0)
     w_in = ctx.p("weight", 1) if m.in_channels // m.groups > 1 or m.groups == 1 else None
@@ -58,7 +58,7 @@ def conv(ctx: BuildCtx) -> None:
 @module_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fix=_fix_conv)
 def conv_transpose(ctx: BuildCtx) -> None:
     m = ctx.module
-    x = ctx.node.args[0]
+    x = ctx.input
     spatial = len(m.kernel_size)
     cd = _channel_dim(ctx, x, spatial)
     for d in range(cd):

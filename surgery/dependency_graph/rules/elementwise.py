@@ -65,7 +65,7 @@ def _fix_prelu(module: nn.PReLU, ctx) -> None:
 
 @module_rule(nn.PReLU, fix=_fix_prelu)
 def prelu(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     ctx.same_dims(x)
     if ctx.module.num_parameters > 1:
         ctx.identity(ctx.p("weight", 0), ctx.out(1))

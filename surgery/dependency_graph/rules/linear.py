@@ -27,7 +27,7 @@ def linear(ctx: BuildCtx) -> None:
     w_out = ctx.p("weight", 0)
     if ctx.module.bias is not None:
         ctx.identity(ctx.p("bias", 0), w_out)
-    _couple_linear(ctx, ctx.node.args[0], w_out, ctx.p("weight", 1))
+    _couple_linear(ctx, ctx.input, w_out, ctx.p("weight", 1))
 
 
 @function_rule(F.linear)
@@ -47,7 +47,7 @@ def _fix_embedding(module: nn.Embedding, ctx: RewriteCtx) -> None:
 
 @module_rule(nn.Embedding, fix=_fix_embedding)
 def embedding(ctx: BuildCtx) -> None:
-    idx = ctx.node.args[0]
+    idx = ctx.input
     nd = ctx.val(idx).dim()
     for d in range(nd):
         ctx.identity(ctx.sp(idx, d), ctx.out(d))

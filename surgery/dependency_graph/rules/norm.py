@@ -24,7 +24,7 @@ def _fix_batchnorm(module, ctx: RewriteCtx) -> None:
 
 @module_rule(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, fix=_fix_batchnorm)
 def batchnorm(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     ctx.same_dims(x)
     cdim = 1 if ctx.val(x).dim() > 1 else 0
     for name in _PER_CHANNEL:
@@ -66,7 +66,7 @@ def layernorm(ctx: BuildCtx) -> None:
     k = len(m.normalized_shape)
     w = (lambda i: ctx.p("weight", i)) if ctx.has("weight") else None
     b = (lambda i: ctx.p("bias", i)) if ctx.has("bias") else None
-    _couple_layernorm(ctx, ctx.node.args[0], k, w, b)
+    _couple_layernorm(ctx, ctx.input, k, w, b)
 
 
 def _rewrite_layer_norm(ctx: RewriteCtx) -> None:
@@ -110,7 +110,7 @@ def _fix_groupnorm(module: nn.GroupNorm, ctx: RewriteCtx) -> None:
 def groupnorm(ctx: BuildCtx) -> None:
     m = ctx.module
     params = [ctx.p(n, 0) for n in ("weight", "bias") if ctx.has(n)]
-    _couple_groupnorm(ctx, ctx.node.args[0], m.num_groups, m.num_channels, params)
+    _couple_groupnorm(ctx, ctx.input, m.num_groups, m.num_channels, params)
 
 
 def _rewrite_group_norm(ctx: RewriteCtx) -> None:
@@ -131,5 +131,5 @@ def functional_groupnorm(ctx: BuildCtx) -> None:
 
 @module_rule(nn.LocalResponseNorm)
 def local_response_norm(ctx: BuildCtx) -> None:
-    ctx.same_dims(ctx.node.args[0])
+    ctx.same_dims(ctx.input)
     ctx.cross(ctx.out(1), "LocalResponseNorm across neighbouring channels")

@@ -22,7 +22,7 @@ _SPATIAL_FUNCTIONS = {
 
 
 def _keep_leading(ctx: BuildCtx, spatial: int) -> None:
-    x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs.get("input")
+    x = ctx.input
     if not ctx.is_tensor(x) or not hasattr(ctx.out_val(), "dim"):
         return  # e.g. return_indices=True: tuple output, stopped
     nd = ctx.val(x).dim()
@@ -42,7 +42,7 @@ def spatial_function(ctx: BuildCtx) -> None:
 @module_rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 @function_rule(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
 def resize(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs.get("input")
+    x = ctx.input
     if ctx.is_tensor(x):
         ctx.same_dims(x, dims=range(2))
 

@@ -17,7 +17,7 @@ from .common import normalize_dims, op_name
 @method_rule("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm")
 def reduction(ctx: BuildCtx) -> None:
     """Non-reduced dims pass through; reduced dims are consumed (stopped)."""
-    x = ctx.node.args[0]
+    x = ctx.input
     if not ctx.is_tensor(x) or not isinstance(ctx.out_val(), torch.Tensor):
         return
     nd = ctx.val(x).dim()
@@ -41,7 +41,7 @@ def reduction(ctx: BuildCtx) -> None:
 @method_rule("softmax", "log_softmax")
 @module_rule(nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 def softmax(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs["input"]
+    x = ctx.input
     if not ctx.is_tensor(x):
         return
     nd = ctx.val(x).dim()

@@ -26,7 +26,7 @@ def rnn(ctx: BuildCtx) -> None:
     m = ctx.module
     if m.proj_size:
         return
-    x = ctx.node.args[0]
+    x = ctx.input
     if not ctx.is_tensor(x):
         return  # packed sequences: stopped
     suffixes = [""] + (["_reverse"] if m.bidirectional else [])

@@ -66,7 +66,7 @@ def couple_size_reads(ctx: BuildCtx, values: list) -> None:
 @function_rule(torch.reshape, rewrite=_rewrite_shape)
 @method_rule("view", "reshape", rewrite=_rewrite_shape)
 def reshape(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     if ctx.is_tensor(x):
         if len(ctx.node.args) == 2 and isinstance(ctx.node.args[1], torch.dtype):
             return  # view(dtype): reinterpretation, stopped
@@ -78,7 +78,7 @@ def reshape(ctx: BuildCtx) -> None:
 @method_rule("flatten", "squeeze", "unsqueeze", "ravel", "view_as", "reshape_as", "squeeze_", "unsqueeze_")
 @module_rule(nn.Flatten)
 def reshape_no_constants(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     if ctx.is_tensor(x):
         couple_reshape(ctx, x, ctx.shape(x), tuple(ctx.out_val().shape))
 
@@ -145,7 +145,7 @@ def _permutation(ctx: BuildCtx) -> list[int] | None:
 @function_rule(torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t)
 @method_rule("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "transpose_")
 def permute(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     if not ctx.is_tensor(x):
         return
     perm = _permutation(ctx)
@@ -167,7 +167,7 @@ def _aligned(ctx: BuildCtx, x):
 
 @method_rule("expand", rewrite=_rewrite_shape)
 def expand(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     if not ctx.is_tensor(x):
         return
     for d, o, same in _aligned(ctx, x):
@@ -187,7 +187,7 @@ def expand_as(ctx: BuildCtx) -> None:
 @method_rule("repeat")
 def repeat(ctx: BuildCtx) -> None:
     """Repeating a dim tiles it: entry ``j`` of the output is entry ``j % n`` of the input."""
-    x = ctx.node.args[0]
+    x = ctx.input
     if not ctx.is_tensor(x):
         return
     for d, o, same in _aligned(ctx, x):

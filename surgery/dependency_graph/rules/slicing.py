@@ -29,7 +29,7 @@ def cat(ctx: BuildCtx) -> None:
     if not items:
         return
     out = ctx.out_val()
-    dim = ctx.arg(1, "dim", 0) % out.dim()
+    dim = ctx.arg(1, "dim", 0)
     start = 0
     for t in items:
         v = t.meta["val"]
@@ -48,8 +48,7 @@ def stack(ctx: BuildCtx) -> None:
     items = _tensor_list(ctx, ctx.arg(0, "tensors"))
     if not items:
         return
-    out = ctx.out_val()
-    dim = ctx.arg(1, "dim", 0) % out.dim()
+    dim = ctx.arg(1, "dim", 0)
     for t in items:
         for d in range(t.meta["val"].dim()):
             ctx.identity(ctx.sp(t, d), ctx.out(d if d < dim else d + 1))
@@ -78,50 +77,67 @@ def _new_part_sizes(ctx: RewriteCtx, dim: int) -> list[int]:
 
 
 def _rewrite_split(ctx: RewriteCtx) -> None:
-    x = ctx.old.args[0]
-    dim = ctx.old_arg(2, "dim", 0) % x.meta["val"].dim()
-    ctx.set_arg(1, "split_size_or_sections" if "split_size_or_sections" in ctx.node.kwargs else "split_size", _new_part_sizes(ctx, dim))
+    dim = ctx.old_arg(2, "dim", 0)
+    ctx.set_arg(1, None, _new_part_sizes(ctx, dim))
 
 
 def _rewrite_chunk_like(ctx: RewriteCtx) -> None:
-    """chunk/tensor_split(n) may give unequal parts after pruning: become ``torch.split(sizes)``."""
-    x = ctx.old.args[0]
-    dim = ctx.old_arg(2, "dim", 0) % x.meta["val"].dim()
+    """chunk/tensor_split may give unequal parts after pruning: become ``torch.split(sizes)``."""
+    dim = ctx.old_arg(2, "dim", 0)
     sizes = _new_part_sizes(ctx, dim)
+    kind, where = ctx.old_args.slot(0, "input")
+    x = ctx.node.args[where] if kind == "arg" else ctx.node.kwargs[where]
     ctx.node.op = "call_function"
     ctx.node.target = torch.split
-    ctx.node.args = (ctx.node.args[0], sizes, dim)
+    ctx.node.args = (x, sizes, dim)
     ctx.node.kwargs = {}
 
 
 @function_rule(torch.split, rewrite=_rewrite_split)
 @method_rule("split", rewrite=_rewrite_split)
 def split(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     if ctx.is_tensor(x):
-        _split_parts(ctx, x, ctx.arg(2, "dim", 0) % ctx.val(x).dim())
+        _split_parts(ctx, x, ctx.arg(2, "dim", 0))
 
 
 @function_rule(torch.chunk, torch.tensor_split, rewrite=_rewrite_chunk_like)
 @method_rule("chunk", "tensor_split", rewrite=_rewrite_chunk_like)
 def chunk(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
-    if ctx.is_tensor(x) and isinstance(ctx.arg(1, None), int):
-        _split_parts(ctx, x, ctx.arg(2, "dim", 0) % ctx.val(x).dim())
+    """``chunk(n)``, ``tensor_split(n)`` and ``tensor_split(indices=[...])``: parts at offsets."""
+    x, parts = ctx.input, ctx.arg(1, None)
+    constant = isinstance(parts, int) or (
+        isinstance(parts, (list, tuple)) and all(isinstance(i, int) for i in parts)
+    )
+    if ctx.is_tensor(x) and constant:
+        _split_parts(ctx, x, ctx.arg(2, "dim", 0))
 
 
 @function_rule(torch.unbind)
 @method_rule("unbind")
 def unbind(ctx: BuildCtx) -> None:
-    x = ctx.node.args[0]
+    x = ctx.input
     if not ctx.is_tensor(x):
         return
     nd = ctx.val(x).dim()
-    dim = ctx.arg(1, "dim", 0) % nd
+    dim = ctx.arg(1, "dim", 0)
     for i in range(len(ctx.out_val())):
         for d in range(nd):
             if d != dim:
                 ctx.identity(ctx.sp(x, d), ctx.out(d if d < dim else d - 1, (i,)))
+
+
+@function_rule(torch.select)
+@method_rule("select")
+def select(ctx: BuildCtx) -> None:
+    """``x.select(dim, i)`` drops ``dim`` (which stays whole, as for ``x[:, i]``); the rest pass through."""
+    x = ctx.input
+    dim = ctx.arg(1, "dim")
+    if not ctx.is_tensor(x) or not isinstance(dim, int):
+        return
+    for d in range(ctx.val(x).dim()):
+        if d != dim:
+            ctx.identity(ctx.sp(x, d), ctx.out(d if d < dim else d - 1))
 
 
 # -- indexing -------------------------------------------------------------------------------
@@ -215,7 +231,8 @@ def getitem(ctx: BuildCtx) -> None:
         ctx.table.int_source[ctx.node.name] = ints[index]
         return
     if isinstance(value, (tuple, list)):
-        if isinstance(index, int):
+        if isinstance(index, int) and -len(value) <= index < len(value):
+            index %= len(value)  # spaces are keyed by the non-negative position
             for path, t in tensor_slots(ctx.out_val()):
                 for d in range(t.dim()):
                     ctx.identity(ctx.sp(src, d, (index,) + path), ctx.out(d, path))
