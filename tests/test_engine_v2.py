@@ -17,6 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import check_pruned_equals_masked  # noqa: E402
 
 import surgery  # noqa: E402
+from surgery import Reason  # noqa: E402
+from surgery.dependency_graph.rules import module_rule  # noqa: E402
+
+
+def _group_of(graph, module: str, param: str, dim: int):
+    found = [g for g in graph.groups if any(m.module == module and m.param == param and m.dim == dim for m in g.members)]
+    assert len(found) == 1, f"{module}.{param}[dim {dim}] is in {len(found)} groups"
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,3 +156,49 @@ def test_unbind_and_cat_negative_dims():
     _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
     assert tuple(pruned.a.weight.shape) == (4, 6)
     assert tuple(pruned.b.weight.shape) == (3, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. a rule that raises stops its node's channels; the trace goes on
+# ---------------------------------------------------------------------------------------------
+
+
+class Exploding(nn.Linear):
+    """A Linear subclass whose (test-only) rule couples a little, then raises."""
+
+
+@module_rule(Exploding)
+def _exploding_rule(ctx):
+    ctx.identity(ctx.sp(ctx.input, -1), ctx.p("weight", 1))  # a coupling made before the failure
+    raise ValueError("boom: cannot explain this node\nsecond line")
+
+
+class ExplodingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(6, 8)
+        self.boom = Exploding(8, 8)
+        self.post = nn.Linear(8, 3)
+        self.side1 = nn.Linear(6, 10)
+        self.side2 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.post(self.boom(self.pre(x))) + self.side2(torch.relu(self.side1(x)))
+
+
+def test_raising_rule_stops_its_node_and_trace_goes_on():
+    model, x = ExplodingNet(), torch.randn(2, 6)
+    graph = surgery.trace(model, x, leaf_modules=[Exploding])
+    node = next(n for n in graph.fx_graph.nodes if n.target == "boom")
+    expected = f"{node.format_node()}: rule raised ValueError: boom: cannot explain this node"
+    for module, param, dim in (("pre", "weight", 0), ("boom", "weight", 1), ("boom", "weight", 0), ("post", "weight", 1)):
+        g = _group_of(graph, module, param, dim)
+        assert not g.prunable and g.reason is Reason.UNSUPPORTED_OP
+        assert g.reason_detail.endswith(f"({expected})"), g.reason_detail
+    side = _group_of(graph, "side1", "weight", 0)
+    assert side.prunable and side.size == 10
+    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5, leaf_modules=[Exploding])
+    assert tuple(pruned.side1.weight.shape) == (5, 6)
+    assert tuple(pruned.side2.weight.shape) == (3, 5)
+    assert tuple(pruned.pre.weight.shape) == (8, 6)
+    assert tuple(pruned.boom.weight.shape) == (8, 8)

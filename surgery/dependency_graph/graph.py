@@ -92,7 +92,11 @@ def _couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
         return
     table.touched = set()
     ctx = BuildCtx(table, node, module, rule.aliases)
-    rule.couple(ctx)
+    try:
+        rule.couple(ctx)
+    except Exception as exc:  # noqa: BLE001  (a rule that cannot explain its node stops it; the trace goes on)
+        _stop_failed_node(table, node, module, ins + outs, exc)
+        return
     touched = table.touched
     for sid in ins:
         if sid not in touched:
@@ -100,6 +104,24 @@ def _couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
     for sid in outs:
         if sid not in touched:
             table.stop(sid, Reason.NOT_PRODUCED, ctx.describe())
+
+
+def _stop_failed_node(table: SpaceTable, node: torch.fx.Node, module: nn.Module | None, spaces: list[int],
+                      exc: Exception) -> None:
+    """Stop every space a failed rule could have coupled: the node's inputs and outputs, the spaces
+    the rule touched before raising, and every dim of the module's own tensors. Couplings the rule
+    made before raising only join atoms of these spaces, so stops (which win) cover them."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    detail = f"{node.format_node()}: rule raised {type(exc).__name__}" + (f": {first}" if first else "")
+    table.int_source.pop(node.name, None)
+    spaces = list(spaces) + sorted(table.touched)
+    if module is not None:
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            sub, _, leaf = name.rpartition(".")
+            owner = f"{node.target}.{sub}" if sub else node.target
+            spaces += [table.param(owner, leaf, d, t.shape[d], t) for d in range(t.dim())]
+    for sid in spaces:
+        table.stop(sid, Reason.UNSUPPORTED_OP, detail)
 
 
 def _unique_sorted(a: np.ndarray) -> np.ndarray:
