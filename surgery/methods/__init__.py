@@ -1,6 +1,7 @@
-"""Scoring methods as registered plug-ins. Importing this package registers the built-in ones."""
+"""Methods as registered plug-ins, one file per method. Importing this package registers them."""
 
-from . import magnitude, random  # noqa: F401
-from ._registry import Method, get_method, list_methods, register_method
+from . import bn_gate, magnitude, random, thinet  # noqa: F401
+from ._registry import NEEDS, Method, Option, get_method, list_methods, register_method
+from .context import ScoreContext, Scores
 
-__all__ = ["Method", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "NEEDS", "Option", "ScoreContext", "Scores", "get_method", "list_methods", "register_method"]
