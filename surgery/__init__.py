@@ -2,8 +2,8 @@
 
 >>> import torch, surgery
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
->>> surgery.methods()
-['l1', 'l2', 'random']
+>>> surgery.methods()[:4]
+['bn-gate', 'group-l1', 'group-l2', 'l1']
 """
 
 from .checkpoint import load, save
@@ -11,8 +11,8 @@ from .dependency_graph import DependencyGraph, Group, Member, Reason, trace
 from .errors import SurgeryError
 from .methods import list_methods as methods
 from .methods import register_method
-from .pipeline import prune
-from .plan import Plan, plan
+from .pipeline import plan, prune
+from .plan import Plan
 from .rewrite import apply
 from .stats import ModelStats, stats
 

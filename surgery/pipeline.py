@@ -1,18 +1,113 @@
-"""One-call pruning: trace once, plan, apply."""
+"""The one chain: trace -> score -> plan -> apply (-> stats). The CLI and the tests call it.
+
+``run`` traces the model once and returns every intermediate a caller may want to show or save;
+``plan`` and ``prune`` are its public faces.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
+from .dependency_graph import DependencyGraph
 from .dependency_graph import trace as trace_graph
 from .dependency_graph.tracing import normalize_inputs
-from .plan import check_ratio, plan_from_graph
-from .rewrite import apply_to_graph
+from .errors import PlanError
+from .plan import Plan, check_ratio
+from .planner import leaf_names, plan_from_graph, split_options
+from .rewrite import MODES, apply_to_graph
+from .stats import ModelStats, stats
 
-__all__ = ["prune"]
+__all__ = ["Result", "run", "plan", "prune"]
 
 
-def prune(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *, mode: str = "prune", **options) -> nn.Module:
+@dataclass
+class Result:
+    """What one pipeline run made."""
+
+    graph: DependencyGraph
+    plan: Plan
+    model: nn.Module | None  # the pruned (or masked) model; None when only planning
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *, plan: Plan | None = None,
+        mode: str | None = "prune", loss: Callable | None = None, measure: bool = False,
+        progress: Callable[[str], None] | None = None, **options) -> Result:
+    """Trace ``model`` once, plan with ``method`` (or replay ``plan``) and apply it.
+
+    ``measure=True`` also counts params and MACs before and after. ``progress(text)`` is called at
+    each step. ``mode=None`` stops after planning (``Result.model`` is then ``None``). ``model`` is
+    never modified.
+    """
+    step = progress or _noop
+    if mode is not None and mode not in MODES:
+        raise PlanError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
+    inputs = normalize_inputs(example_inputs)
+    if plan is None:
+        check_ratio(ratio)
+        split_options(method, options)  # fail on a bad option before any work
+        leaves = leaf_names(model, options.get("leaf_modules", ()))
+    else:
+        if options:
+            raise PlanError(f"options {', '.join(sorted(options))} cannot be combined with a saved plan")
+        leaves = plan.leaf_modules
+    before = None
+    if measure:
+        step("counting params and MACs")
+        before = stats(model, inputs)
+    step("tracing the dependency graph")
+    graph = trace_graph(model, inputs, leaves)
+    if plan is None:
+        step(f"scoring channels with {method}")
+
+        def macs_of(p: Plan) -> float:
+            return stats(apply_to_graph(graph, p), inputs).macs
+
+        plan = plan_from_graph(model, graph, method, ratio, data, loss=loss, progress=progress, macs_of=macs_of, **options)
+    if mode is None:
+        return Result(graph, plan, None, before)
+    step("rebuilding the smaller model" if mode == "prune" else "masking the removed channels")
+    out = apply_to_graph(graph, plan, mode)
+    after = None
+    if measure:
+        step("counting params and MACs")
+        after = stats(out, inputs)
+    return Result(graph, plan, out, before, after)
+
+
+def plan(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *,
+         loss: Callable | None = None, **options) -> Plan:
+    """Trace ``model``, score its groups with ``method`` and return a :class:`~surgery.plan.Plan`.
+
+    Options: ``policy`` (``"local"``/``"global"``), ``normalize``, ``layer_ratios``, ``round_to``,
+    ``target_macs``, ``skip_cross_channel``, ``leaf_modules``, ``calib_batches``, and the method's
+    own (``surgery methods NAME``). Unknown names are an error.
+
+    Examples
+    --------
+    >>> import torch, surgery
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> p = surgery.plan(net, torch.randn(1, 3, 16, 16), method="l1", ratio=0.5)
+    >>> [len(g.keep) for g in p.groups]
+    [4]
+    >>> surgery.plan(net, torch.randn(1, 3, 16, 16), polcy="global")
+    Traceback (most recent call last):
+    ...
+    surgery.errors.PlanError: unknown option 'polcy' for method 'l1' (did you mean 'policy'?); known options: ...
+    """
+    return run(model, example_inputs, method, ratio, data, mode=None, loss=loss, **options).plan
+
+
+def prune(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *, mode: str = "prune",
+          loss: Callable | None = None, **options) -> nn.Module:
     """Plan with ``method`` at ``ratio`` and return the pruned model (``model`` is not modified).
 
     Examples
@@ -23,8 +118,4 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0
     >>> small(torch.randn(1, 3, 16, 16)).shape, net[0].out_channels
     (torch.Size([1, 4, 12, 12]), 8)
     """
-    check_ratio(ratio)
-    leaf = options.get("leaf_modules", ())
-    graph = trace_graph(model, normalize_inputs(example_inputs), leaf)
-    p = plan_from_graph(model, graph, method, ratio, data, **options)
-    return apply_to_graph(graph, p, mode)
+    return run(model, example_inputs, method, ratio, data, mode=mode, loss=loss, **options).model

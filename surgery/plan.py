@@ -1,51 +1,90 @@
-"""Plans: which channels every group keeps. Plain data with a JSON round trip.
+"""Plans: which channels every group keeps, and an optional fold. Plain data with a JSON round trip.
 
-Policies
---------
-* ``local`` (default): every prunable group loses ``int(ratio * size)`` channels, keeping at least one.
-* ``global``: channels of all groups are ranked together after dividing each group's scores by their
-  mean (so groups with large weights do not dominate); ``int(ratio * total)`` go, each group keeps one.
-* per-layer ratios: ``layer_ratios={"layer1.*": 0.3}`` (fnmatch patterns over member module names)
-  override ``ratio`` for the groups they match, in either policy's local step.
+A plan also records everything needed to replay it: the example input shapes, the leaf modules, every
+option that shaped it, a fingerprint per group (its size and the modules producing its channels)
+and a signature of the traced graph. Applying a plan to a model whose groups differ fails and names
+the first group that differs, instead of pruning the wrong channels.
+
+A **fold** (``GroupPlan.fold``) is a ``(kept x size)`` matrix ``F`` applied to every consumer's input
+slices of the group: ``W_in <- W_in @ F.T`` over the group's channel dim (ThiNet's least-squares
+scales are a diagonal ``F`` on the kept channels; C-SGD's merge sums each cluster into its kept
+member). ``mode="mask"`` applies the same ``F`` at full width, so pruned == masked still holds. In
+JSON a fold is sparse: ``[[row, column, value], ...]``.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from .dependency_graph import DependencyGraph, Group
-from .dependency_graph import trace as trace_graph
-from .dependency_graph.tracing import normalize_inputs
 from .errors import PlanError
-from .methods import get_method
 
-__all__ = ["GroupPlan", "Plan", "plan", "plan_from_graph", "check_ratio"]
+__all__ = ["GroupPlan", "Plan", "check_ratio", "group_fingerprint", "graph_signature"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
 class GroupPlan:
+    """What one group keeps (sorted channel indices) and, optionally, its fold as sparse triples."""
+
     id: int
     size: int
     keep: tuple[int, ...]
     label: str = ""
+    fold: tuple[tuple[int, int, float], ...] = ()
 
     @property
     def removed(self) -> list[int]:
         kept = set(self.keep)
         return [i for i in range(self.size) if i not in kept]
 
+    def fold_matrix(self) -> np.ndarray | None:
+        """The ``(kept x size)`` fold matrix, or ``None`` when the plan has no fold for this group."""
+        if not self.fold:
+            return None
+        f = np.zeros((len(self.keep), self.size), dtype=np.float64)
+        for r, c, v in self.fold:
+            f[r, c] = v
+        return f
+
+    @staticmethod
+    def sparse(matrix: np.ndarray) -> tuple[tuple[int, int, float], ...]:
+        rows, cols = np.nonzero(matrix)
+        return tuple((int(r), int(c), float(matrix[r, c])) for r, c in zip(rows, cols))
+
+
+def group_fingerprint(group: Group) -> str:
+    """``size:producer,producer,...`` (or the group's first modules when no module produces it)."""
+    names = group.producers or group.modules[:3]
+    return f"{group.size}:{','.join(names)}"
+
+
+def _target_name(target) -> str:
+    if isinstance(target, str):
+        return target
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__name__
+    return f"{mod}.{name}" if mod else str(name)
+
+
+def graph_signature(graph: DependencyGraph) -> str:
+    """A short hash of the traced graph's ops (node kinds and targets, in order)."""
+    h = hashlib.sha1()
+    for n in graph.fx_graph.nodes:
+        h.update(f"{n.op}|{_target_name(n.target)};".encode())
+    return h.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Which channels of every group survive, plus what is needed to re-trace the model."""
+    """Which channels of every group survive, plus what is needed to re-trace the model and to
+    check that a model is the one the plan was made for."""
 
     method: str
     policy: str
@@ -56,12 +95,19 @@ class Plan:
     n_groups: int
     leaf_modules: tuple[str, ...] = ()
     options: dict = field(default_factory=dict)
+    fingerprints: tuple[str, ...] = ()  # one per group of the traced graph
+    signature: str = ""
+    notes: dict = field(default_factory=dict)  # group id -> why the method left it whole
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
         d["version"] = PLAN_VERSION
-        d["groups"] = [{"id": g.id, "size": g.size, "keep": list(g.keep), "label": g.label} for g in self.groups]
+        d["groups"] = [
+            {"id": g.id, "size": g.size, "keep": list(g.keep), "label": g.label, **({"fold": [list(t) for t in g.fold]} if g.fold else {})}
+            for g in self.groups
+        ]
+        d["notes"] = {str(k): v for k, v in self.notes.items()}
         return d
 
     def to_json(self, indent: int | None = None) -> str:
@@ -72,22 +118,31 @@ class Plan:
         try:
             if d.get("version") != PLAN_VERSION:
                 raise PlanError(f"unsupported plan version {d.get('version')!r} (expected {PLAN_VERSION})")
-            groups = tuple(GroupPlan(int(g["id"]), int(g["size"]), tuple(int(i) for i in g["keep"]), g.get("label", "")) for g in d["groups"])
+            groups = tuple(
+                GroupPlan(int(g["id"]), int(g["size"]), tuple(int(i) for i in g["keep"]), str(g.get("label", "")),
+                          tuple((int(r), int(c), float(v)) for r, c, v in g.get("fold", ())))
+                for g in d["groups"]
+            )
             return cls(
                 method=str(d["method"]), policy=str(d["policy"]), ratio=float(d["ratio"]),
                 input_shapes=tuple(tuple(int(s) for s in shp) for shp in d["input_shapes"]),
                 input_dtypes=tuple(str(t) for t in d["input_dtypes"]), groups=groups, n_groups=int(d["n_groups"]),
-                leaf_modules=tuple(d.get("leaf_modules", ())), options=dict(d.get("options", {})),
+                leaf_modules=tuple(str(x) for x in d.get("leaf_modules", ())), options=dict(d.get("options", {})),
+                fingerprints=tuple(str(x) for x in d.get("fingerprints", ())), signature=str(d.get("signature", "")),
+                notes={int(k): str(v) for k, v in dict(d.get("notes", {})).items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"not a valid plan: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"not a valid plan: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"not a valid plan: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
 
     # -- use --------------------------------------------------------------------------------
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -101,9 +156,23 @@ class Plan:
         return sum(len(g.removed) for g in self.groups)
 
     def check_fits(self, graph: DependencyGraph) -> None:
-        if len(graph.groups) != self.n_groups:
+        """Raise :class:`PlanError` unless ``graph`` is the model this plan was made for."""
+        if self.fingerprints:
+            now = [group_fingerprint(g) for g in graph.groups]
+            for i, (want, have) in enumerate(zip(self.fingerprints, now)):
+                if want != have:
+                    raise PlanError(f"the plan does not fit this model: group {i} was {want!r} when the plan was made, "
+                                    f"this model has {have!r}")
+            if len(now) != len(self.fingerprints):
+                raise PlanError(f"the plan does not fit this model: it was made for {len(self.fingerprints)} groups, "
+                                f"this model has {len(now)}")
+            if self.signature and self.signature != graph_signature(graph):
+                raise PlanError("the plan does not fit this model: its traced graph differs from the one the plan was made for")
+        elif len(graph.groups) != self.n_groups:
             raise PlanError(f"plan was made for a graph with {self.n_groups} groups, this model has {len(graph.groups)}")
         for g in self.groups:
+            if not 0 <= g.id < len(graph.groups):
+                raise PlanError(f"plan group {g.id} does not exist in this model ({len(graph.groups)} groups)")
             real = graph.groups[g.id]
             if real.size != g.size:
                 raise PlanError(f"plan group {g.id} has {g.size} channels, the model's has {real.size}")
@@ -111,115 +180,13 @@ class Plan:
                 raise PlanError(f"plan removes channels from group {g.id}, which is not prunable: {real.why}")
             if not g.keep:
                 raise PlanError(f"plan group {g.id} keeps no channel")
-            if any(i < 0 or i >= g.size for i in g.keep):
-                raise PlanError(f"plan group {g.id} keeps an index outside 0..{g.size - 1}")
+            if any(i < 0 or i >= g.size for i in g.keep) or len(set(g.keep)) != len(g.keep):
+                raise PlanError(f"plan group {g.id} keeps an index outside 0..{g.size - 1} or twice")
+            if any(not (0 <= r < len(g.keep) and 0 <= c < g.size) or not np.isfinite(v) for r, c, v in g.fold):
+                raise PlanError(f"plan group {g.id} has a fold entry outside its {len(g.keep)} x {g.size} matrix or not finite")
 
 
 def check_ratio(ratio, name: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 <= float(ratio) < 1.0):
         raise PlanError(f"{name} must be a number in [0, 1), got {ratio!r}")
     return float(ratio)
-
-
-def _group_ratio(group: Group, ratio: float, layer_ratios: dict[str, float]) -> float:
-    """A pattern names layers by their *output* channels: it matches the group's producer modules
-    (``conv2`` means conv2's filters, not the input columns of conv2 in the group before)."""
-    names = group.producers or group.modules[:1]
-    for pattern, r in layer_ratios.items():
-        if any(fnmatch.fnmatchcase(m, pattern) for m in names):
-            return r
-    return ratio
-
-
-def _local(groups, scores, ratios) -> dict[int, np.ndarray]:
-    removed = {}
-    for g in groups:
-        n = min(int(ratios[g.id] * g.size), g.size - 1)
-        order = np.argsort(scores[g.id], kind="stable")
-        removed[g.id] = np.sort(order[:n])
-    return removed
-
-
-def _global(groups, scores, ratio: float) -> dict[int, np.ndarray]:
-    flat, owner, index = [], [], []
-    for g in groups:
-        s = np.asarray(scores[g.id], dtype=np.float64)
-        norm = s / (np.abs(s).mean() + 1e-12)
-        flat.append(norm)
-        owner.append(np.full(g.size, g.id))
-        index.append(np.arange(g.size))
-    if not flat:
-        return {}
-    flat, owner, index = np.concatenate(flat), np.concatenate(owner), np.concatenate(index)
-    budget = int(ratio * flat.size)
-    left = {g.id: g.size for g in groups}
-    removed: dict[int, list[int]] = {g.id: [] for g in groups}
-    for k in np.argsort(flat, kind="stable"):
-        if budget == 0:
-            break
-        gid = int(owner[k])
-        if left[gid] > 1:
-            removed[gid].append(int(index[k]))
-            left[gid] -= 1
-            budget -= 1
-    return {gid: np.sort(np.array(r, dtype=np.int64)) for gid, r in removed.items()}
-
-
-def plan_from_graph(
-    model: nn.Module, graph: DependencyGraph, method: str = "l1", ratio: float = 0.5, data=None, *,
-    policy: str = "local", layer_ratios: dict[str, float] | None = None, skip_cross_channel: bool = False,
-    leaf_modules=(), **options,
-) -> Plan:
-    """Score the prunable groups of ``graph`` with ``method`` and pick the channels to keep."""
-    ratio = check_ratio(ratio)
-    layer_ratios = {k: check_ratio(v, f"ratio for {k!r}") for k, v in (layer_ratios or {}).items()}
-    if policy not in ("local", "global"):
-        raise PlanError(f"unknown policy {policy!r}; known policies: global, local")
-    m = get_method(method)
-    if m.needs_data and data is None:
-        raise PlanError(f"method {method!r} needs calibration data (data=...)")
-    groups = [g for g in graph.groups if g.prunable and not (skip_cross_channel and g.cross_channel)]
-    scores = m.score(model, graph, groups, data, **options) if groups else {}
-    for g in groups:
-        s = np.asarray(scores.get(g.id, ()), dtype=np.float64)
-        if s.shape != (g.size,):
-            raise PlanError(f"method {method!r} returned {s.shape} scores for group {g.id} of size {g.size}")
-    if policy == "global":
-        removed = _global(groups, scores, ratio)
-        if layer_ratios:
-            matched = [g for g in groups if _group_ratio(g, -1.0, layer_ratios) >= 0]
-            removed.update(_local(matched, scores, {g.id: _group_ratio(g, ratio, layer_ratios) for g in matched}))
-    else:
-        removed = _local(groups, scores, {g.id: _group_ratio(g, ratio, layer_ratios) for g in groups})
-    plans = []
-    for g in graph.groups:
-        gone = set(removed.get(g.id, np.zeros(0, np.int64)).tolist())
-        if gone:
-            plans.append(GroupPlan(g.id, g.size, tuple(i for i in range(g.size) if i not in gone), g.label))
-    inputs = graph.example_inputs
-    return Plan(
-        method=method, policy=policy, ratio=ratio,
-        input_shapes=tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)),
-        input_dtypes=tuple(str(x.dtype) for x in inputs if isinstance(x, torch.Tensor)),
-        groups=tuple(plans), n_groups=len(graph.groups),
-        leaf_modules=tuple(str(x) for x in leaf_modules if isinstance(x, str)),
-        options={"layer_ratios": layer_ratios, "skip_cross_channel": skip_cross_channel,
-                 **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}},
-    )
-
-
-def plan(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, **options) -> Plan:
-    """Trace ``model``, score its groups with ``method`` and return a :class:`Plan`.
-
-    Examples
-    --------
-    >>> import torch, surgery
-    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
-    >>> p = surgery.plan(net, torch.randn(1, 3, 16, 16), method="l1", ratio=0.5)
-    >>> [len(g.keep) for g in p.groups]
-    [4]
-    """
-    check_ratio(ratio)
-    leaf = options.pop("leaf_modules", ())
-    graph = trace_graph(model, normalize_inputs(example_inputs), leaf)
-    return plan_from_graph(model, graph, method, ratio, data, leaf_modules=leaf, **options)

@@ -42,23 +42,67 @@ def _kept_dims(graph: DependencyGraph, removed: np.ndarray) -> dict[tuple[str, s
     return per_tensor
 
 
-def _sliced_copies(gm: nn.Module, per_tensor) -> dict[int, torch.Tensor]:
-    """Deep-copy memo: each tensor that loses entries maps to its sliced copy (never copied whole)."""
+def _fold_tensor(t: torch.Tensor, member, keep: tuple[int, ...], fold: np.ndarray) -> torch.Tensor:
+    """``t`` with the input slices of ``member`` rewritten: kept unit k <- sum_c fold[k, c] * slice c.
+
+    A unit may own several indices (a flatten -> linear consumer owns H*W columns per channel);
+    the j-th index of every unit lines up with the j-th of the others."""
+    lists = member.index_map()
+    present = [u for u in range(len(lists)) if lists[u]]
+    if not present:
+        return t
+    width = len(lists[present[0]])
+    if any(len(lists[u]) != width for u in present):
+        raise RewriteError(f"cannot fold into {member.name}: its channels own different numbers of slices")
+    moved = t.detach().movedim(member.dim, 0)
+    block = moved[torch.tensor([lists[u] for u in present])].double()  # (units, width, ...)
+    f = torch.from_numpy(fold[:, present])  # (kept, units)
+    rows = torch.einsum("kp,pw...->kw...", f, block).to(t.dtype)
+    out = moved.clone()
+    for k, u in enumerate(keep):
+        if u < len(lists) and lists[u]:
+            out[torch.tensor(lists[u])] = rows[k]
+    return out.movedim(0, member.dim).contiguous()
+
+
+def _folded(graph: DependencyGraph, plan: Plan) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(owner, name): folded copy}`` for every consumer weight of a group whose plan has a fold."""
+    from .roles import consumers
+
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for gp in plan.groups:
+        fold = gp.fold_matrix()
+        if fold is None:
+            continue
+        for site, member in consumers(graph, graph.groups[gp.id]):
+            key = (site.owner, site.weight)
+            base = out.get(key, getattr(_owner(graph.root, site.owner), site.weight))
+            out[key] = _fold_tensor(base, member, gp.keep, fold)
+    return out
+
+
+def _sliced_copies(gm: nn.Module, per_tensor, folded) -> dict[int, torch.Tensor]:
+    """Deep-copy memo: each tensor that loses entries (or is folded) maps to its new copy (the
+    original is never copied whole)."""
     memo: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for (owner, name), dims in per_tensor.items():
+        for key in {**per_tensor, **folded}:
+            owner, name = key
             old = getattr(_owner(gm, owner), name)
-            new = old.detach()
-            for dim, kept in dims:
+            new = folded.get(key, old.detach())
+            for dim, kept in per_tensor.get(key, ()):
                 new = new.index_select(dim, torch.from_numpy(np.flatnonzero(kept)))
             new = new.clone()
             memo[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
     return memo
 
 
-def _zero_removed(gm: nn.Module, per_tensor) -> None:
-    """Mask mode: zero each removed slice of every parameter (buffers are statistics, left as is)."""
+def _zero_removed(gm: nn.Module, per_tensor, folded) -> None:
+    """Mask mode: write folded consumer weights, then zero each removed slice of every parameter
+    (buffers are statistics, left as is)."""
     with torch.no_grad():
+        for (owner, name), value in folded.items():
+            getattr(_owner(gm, owner), name).copy_(value)
         for (owner, name), dims in per_tensor.items():
             t = getattr(_owner(gm, owner), name)
             if isinstance(t, nn.Parameter):
@@ -102,11 +146,12 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> t
     plan.check_fits(graph)
     removed = graph.removed_components(plan.removed_units())
     per_tensor = _kept_dims(graph, removed)
+    folded = _folded(graph, plan)
     if mode == "mask":
         gm = copy.deepcopy(graph.gm)
-        _zero_removed(gm, per_tensor)
+        _zero_removed(gm, per_tensor, folded)
     else:
-        gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor))
+        gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor, folded))
     if mode == "prune":
         _rewrite_nodes(gm, graph, removed)
         gm.graph.lint()
