@@ -1,10 +1,11 @@
 """The ``surgery`` command line: parse, call one API function, print with rich.
 
     surgery prune MODEL --method l1 --ratio 0.5 [--global] [--layer-ratio NAME=R ...] [--out F]
+                  [--data D] [--target-macs 0.5] [--round-to 8] [--option NAME=VALUE ...]
                   [--format dense|csr] [--plan-out plan.json] [--plan plan.json]
     surgery graph MODEL [--format text|json|dot|graphml|png] [--out F]
     surgery stats MODEL [--latency]
-    surgery methods
+    surgery methods [NAME]
 
 Every command takes ``--input-shape 1,3,224,224``, ``--trust``, ``--weights F``, ``--leaf NAME``
 (where it loads a model) and ``--debug``. Errors print one red line on stderr and exit 1 (usage
@@ -169,7 +170,34 @@ def _layer_ratios(items: list[str] | None) -> dict[str, float]:
     return out
 
 
-# -- prune --------------------------------------------------------------------------------------
+# -- prune ----------------------------------------------------------------------------------------
+Data = Annotated[Optional[str], typer.Option("--data", "-d", help="Calibration data: digits, an image folder, or an .npz/.pt file with x (and y).")]
+CalibBatches = Annotated[Optional[int], typer.Option("--calib-batches", help="Use at most N calibration batches.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Batch size for --data.")]
+MethodOpt = Annotated[Optional[list[str]], typer.Option("--option", "-O", help="A method option NAME=VALUE (repeatable; see `surgery methods NAME`).")]
+
+
+def _method_options(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SurgeryError(f"--option takes NAME=VALUE (e.g. 'seed=3'), got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _calibration(data: str | None, x: torch.Tensor, batch_size: int, calib_batches: int | None):
+    if data is None:
+        return None
+    from surgery.calibration import Calibration, load_data
+
+    xs, ys = load_data(data, tuple(x.shape))
+    if calib_batches is not None and calib_batches < 1:
+        raise SurgeryError(f"--calib-batches must be a positive integer, got {calib_batches}")
+    return Calibration(xs if ys is None else (xs, ys), batch_size=batch_size)
+
+
 @app.command()
 def prune(
     model: ModelArg,
@@ -177,6 +205,9 @@ def prune(
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of channels removed per group, in [0, 1).")] = 0.5,
     global_: Annotated[bool, typer.Option("--global", help="Rank channels across all groups.")] = False,
     layer_ratio: Annotated[Optional[list[str]], typer.Option("--layer-ratio", help="NAME=R ratio for modules matching a pattern (repeatable).")] = None,
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of the MACs (bisection over the global ranking).")] = None,
+    round_to: Annotated[int, typer.Option("--round-to", help="Keep a multiple of N channels in every group of at least N.")] = 1,
+    option: MethodOpt = None, data: Data = None, calib_batches: CalibBatches = None, batch_size: BatchSize = 32,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned model here.")] = None,
     format: Annotated[str, typer.Option("--format", help="Checkpoint format: dense or csr.")] = "dense",
     plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
@@ -186,44 +217,41 @@ def prune(
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
 
     def work():
-        import surgery
-        from surgery.methods import get_method
-        from surgery.plan import Plan, check_ratio, plan_from_graph
-        from surgery.rewrite import apply_to_graph
-        from surgery.stats import stats
+        from surgery.pipeline import run
+        from surgery.plan import Plan
+        from surgery.planner import split_options
 
+        options = {}
         if plan_in is None:
-            get_method(method)
+            options = dict(_method_options(option), leaf_modules=tuple(leaf or ()), round_to=round_to,
+                           layer_ratios=_layer_ratios(layer_ratio))
+            if global_:
+                options["policy"] = "global"
+            if target_macs is not None:
+                options["target_macs"] = target_macs
+            if calib_batches is not None:
+                options["calib_batches"] = calib_batches
+            from surgery.plan import check_ratio
+
             check_ratio(ratio)
-        layer_ratios = _layer_ratios(layer_ratio)
+            split_options(method, options)
         if format not in checkpoint.FORMATS:
             raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(checkpoint.FORMATS)}")
         _check_output(out, model, "output")
         _check_output(plan_out, model, "plan")
-        plan_text = None
+        saved = None
         if plan_in is not None:
             try:
-                plan_text = plan_in.read_text()
+                saved = Plan.from_json(plan_in.read_text())
             except OSError as exc:
                 raise SurgeryError(f"cannot read plan {plan_in}: {exc.strerror or exc}") from None
-        with _progress(7) as step:
+        with _progress(8) as step:
             step(f"loading {model}")
             net, x, source = _load(model, trust, weights, input_shape, kwargs)
-            step("counting params and MACs")
-            before = stats(net, x)
-            step("tracing the dependency graph")
-            graph = surgery.trace(net, x, tuple(leaf or ()))
-            if plan_text is not None:
-                step("checking the plan")
-                p = Plan.from_json(plan_text)
-            else:
-                step(f"scoring channels with {method}")
-                p = plan_from_graph(net, graph, method, ratio, policy="global" if global_ else "local",
-                                    layer_ratios=layer_ratios, leaf_modules=tuple(leaf or ()))
-            step("rebuilding the smaller model")
-            pruned = apply_to_graph(graph, p)
-            step("counting params and MACs")
-            after = stats(pruned, p.example_inputs())
+            calib = _calibration(data, x, batch_size, calib_batches)
+            result = run(net, saved.example_inputs() if saved else x, method, ratio, calib, plan=saved, measure=True,
+                         progress=step, **options)
+            p, pruned, before, after = result.plan, result.model, result.before, result.after
             meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
                     "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
                     "stats": {"before": before.as_dict(), "after": after.as_dict()}}
@@ -256,6 +284,9 @@ def _print_prune(source, p, before, after, out, plan_out) -> None:
     for g in p.groups:
         groups.add_row(str(g.id), escape(g.label), str(g.size), str(len(g.keep)))
     _out.print(groups)
+    if p.notes:
+        first = next(iter(p.notes.values()))
+        _out.print(f"{len(p.notes)} prunable group(s) left whole by {escape(p.method)}, e.g.: {escape(first)}")
     if plan_out is not None:
         _out.print(f"plan written to {escape(str(plan_out))}")
     _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
@@ -329,18 +360,41 @@ def stats(
 
 # -- methods ------------------------------------------------------------------------------------
 @app.command()
-def methods(debug: Debug = False) -> None:
-    """List the registered scoring methods."""
+def methods(
+    name: Annotated[Optional[str], typer.Argument(help="Show one method's paper, needs and options.")] = None,
+    debug: Debug = False,
+) -> None:
+    """List the registered methods, or describe one."""
 
     def work():
         from surgery.methods import get_method, list_methods
 
+        if name is not None:
+            m = get_method(name)
+            _out.print(f"[bold]{escape(m.name)}[/bold]: {escape(m.summary)}")
+            if m.paper:
+                _out.print(f"paper: {escape(m.paper)}")
+            _out.print(f"needs: {', '.join(n for n in ('weights', 'data', 'labels') if n in m.needs)}")
+            _out.print(f"global ranking normalisation: {m.normalize}")
+            if m.doc:
+                _out.print(escape(m.doc))
+            table = Table(title=f"options of {escape(m.name)} (--option NAME=VALUE)")
+            for col in ("option", "type", "default", "meaning"):
+                table.add_column(col)
+            for o in m.options:
+                choices = f" ({' | '.join(map(str, o.choices))})" if o.choices else ""
+                table.add_row(o.name, o.type.__name__, repr(o.default), escape(o.help + choices))
+            if m.options:
+                _out.print(table)
+            else:
+                _out.print("no options")
+            return
         names = list_methods()
         width = max((len(n) for n in names), default=0)
-        for name in names:
-            m = get_method(name)
-            extra = " (needs --data)" if m.needs_data else ""
-            _out.print(f"{escape(name.ljust(width))}  {escape(m.summary)}{extra}")
+        for n in names:
+            m = get_method(n)
+            extra = " (needs --data with labels)" if m.needs_labels else " (needs --data)" if m.needs_data else ""
+            _out.print(f"{escape(n.ljust(width))}  {escape(m.summary)}{extra}")
 
     _run(debug, work)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.plan import plan_from_graph
+from surgery.pipeline import run
 from surgery.rewrite import apply_to_graph
 
 
@@ -39,7 +39,7 @@ def _flat(y):
     return []
 
 
-def check_pruned_equals_masked(model: nn.Module, x, method: str = "l1", ratio: float = 0.5, tol: float = 1e-4,
+def check_pruned_equals_masked(model: nn.Module, x, method: str = "group-l1", ratio: float = 0.5, tol: float = 1e-4,
                                expect_fewer_params: bool = True, **options):
     """Plan (skipping cross-channel groups), apply in both modes, and assert the core invariants.
 
@@ -52,10 +52,10 @@ def check_pruned_equals_masked(model: nn.Module, x, method: str = "l1", ratio: f
     model = model.eval()
     inputs = x if isinstance(x, tuple) else (x,)
     before = state_snapshot(model)
-    graph = surgery.trace(model, inputs, options.pop("leaf_modules", ()))
-    plan = plan_from_graph(model, graph, method=method, ratio=ratio, skip_cross_channel=True, **options)
-    pruned = apply_to_graph(graph, plan)
-    masked = apply_to_graph(graph, plan, mode="mask")
+    options.setdefault("skip_cross_channel", True)
+    result = run(model, inputs, method, ratio, **options)
+    plan, pruned = result.plan, result.model
+    masked = apply_to_graph(result.graph, plan, mode="mask")
     with torch.no_grad():
         y0, y1, y2 = model(*inputs), pruned(*inputs), masked(*inputs)
     for a, b, c in zip(_flat(y0), _flat(y1), _flat(y2), strict=True):

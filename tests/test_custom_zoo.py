@@ -60,7 +60,7 @@ def _plan_group(plan, gid):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_zoo_pruned_shapes_and_invariant(case: Case):
     model, x = _build(case)
-    plan, pruned, masked = check_pruned_equals_masked(model, x, "l1", 0.5)
+    plan, pruned, masked = check_pruned_equals_masked(model, x, "group-l1", 0.5)
     if case.prunes:
         assert plan.groups, "nothing was pruned:\n" + "\n".join(str(g) for g in surgery.trace(model, x).groups)
     else:
@@ -147,7 +147,7 @@ def test_groupnorm_prunes_whole_groups():
     assert g.prunable and not g.cross_channel and g.size == 4
     m = _member(g, "gn", "weight", 0)
     assert np.array_equal(m.units[np.argsort(m.indices)], np.arange(8) // 2)
-    plan, pruned, masked = check_pruned_equals_masked(model, x, "l1", 0.5)
+    plan, pruned, masked = check_pruned_equals_masked(model, x, "group-l1", 0.5)
     removed = _plan_group(plan, g.id).removed
     assert len(removed) == 2
     # exactness on the GroupNorm output itself: kept channels equal the masked model's
@@ -242,7 +242,7 @@ def test_multihead_attention_pruned_by_whole_heads(name):
     graph = surgery.trace(model, x)
     g = _only_group(graph, "attn", "in_proj_weight", 1)
     assert g.prunable and g.size == 4  # 4 heads of head_dim 4
-    plan, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    plan, pruned, _ = check_pruned_equals_masked(model, x, "group-l1", 0.5)
     removed = _plan_group(plan, g.id).removed
     assert len(removed) == 2
     attn = pruned.get_submodule("attn")
@@ -259,7 +259,7 @@ def test_rnn_hidden_size_pruned(name, rnn, gates):
     graph = surgery.trace(model, x)
     g = _only_group(graph, rnn, "weight_hh_l0", 1)
     assert g.prunable and g.size == 16
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, x, "group-l1", 0.5)
     mod = pruned.get_submodule(rnn)
     assert mod.hidden_size == 8
     assert mod.weight_hh_l0.shape == (gates * 8, 8)

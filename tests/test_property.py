@@ -166,11 +166,11 @@ def test_random_dag_pruned_equals_masked(spec, seed, ratio):
     graph = surgery.trace(model, x)
     prunable = any(g.prunable and not g.cross_channel and int(ratio * g.size) > 0 for g in graph.groups)
     check_pruned_equals_masked(model, x, "random", ratio, 1e-4, expect_fewer_params=prunable, seed=seed)
-    check_pruned_equals_masked(model, x, "l1", ratio, 1e-4, expect_fewer_params=prunable)
+    check_pruned_equals_masked(model, x, "group-l1", ratio, 1e-4, expect_fewer_params=prunable)
 
 
 @SETTINGS
-@given(spec=graph_specs(), seed=st.integers(0, 2**16), method=st.sampled_from(["l1", "random"]))
+@given(spec=graph_specs(), seed=st.integers(0, 2**16), method=st.sampled_from(["group-l1", "l1", "random"]))
 def test_random_dag_ratio_zero_is_identity(spec, seed, method):
     model, x = _model_and_input(spec, seed)
     plan = surgery.plan(model, x, method=method, ratio=0.0, skip_cross_channel=True)

@@ -66,11 +66,11 @@ def test_pruned_equals_masked(name):
             surgery.trace(*build(name))
         return
     model, x = build(name)
-    plan, pruned, _ = check_pruned_equals_masked(model, x, method="l1", ratio=0.5)
+    plan, pruned, _ = check_pruned_equals_masked(model, x, method="group-l1", ratio=0.5)
     assert plan.groups, f"{name}: no prunable group"
     if any(g.prunable and g.cross_channel for g in surgery.trace(pruned, x).groups):
         # pruning the cross-channel groups too still gives a valid smaller model with the same output shape
-        full = surgery.prune(model, x, method="l1", ratio=0.5)
+        full = surgery.prune(model, x, method="group-l1", ratio=0.5)
         with torch.no_grad():
             assert full(x).shape == model(x).shape
         assert n_params(full) < n_params(pruned)
