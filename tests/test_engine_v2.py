@@ -202,3 +202,123 @@ def test_raising_rule_stops_its_node_and_trace_goes_on():
     assert tuple(pruned.side2.weight.shape) == (3, 5)
     assert tuple(pruned.pre.weight.shape) == (8, 6)
     assert tuple(pruned.boom.weight.shape) == (8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the Hugging Face attention reshape: view(y.size()[:-1] + (heads, head_dim)) and back
+# ---------------------------------------------------------------------------------------------
+
+
+class HFReshape(nn.Module):
+    """Linear(8 -> 8), split into 2 heads of 4 through a size tuple, merged back, Linear(8 -> 8)."""
+
+    def __init__(self, explicit: bool = False):
+        super().__init__()
+        self.explicit = explicit
+        self.lin1 = nn.Linear(8, 8)
+        self.lin2 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin1(x)
+        if self.explicit:  # the same reshapes with explicit sizes
+            b, n = x.size(0), x.size(1)
+            return self.lin2(y.view(b, n, 2, 4).reshape(b, n, 8))
+        y = y.view(y.size()[:-1] + (2, 4))
+        y = y.view(y.size()[:-2] + (8,))
+        return self.lin2(y)
+
+
+def _shape_literals(gm) -> list:
+    import operator
+
+    return [n.args[1] for n in gm.graph.nodes if n.target is operator.add and isinstance(n.args[1], tuple)]
+
+
+def test_hf_size_tuple_reshape_prunes_like_explicit_sizes():
+    x = torch.randn(2, 3, 8)
+    hf, explicit = HFReshape(), HFReshape(explicit=True)
+    explicit.load_state_dict(hf.state_dict())
+    g_hf, g_ex = surgery.trace(hf, x), surgery.trace(explicit, x)
+    # the engine's reshape rule takes the head_dim coordinate as the channel: 4 units of 2 entries (one per head)
+    assert [(g.size, g.prunable) for g in g_hf.groups] == [(g.size, g.prunable) for g in g_ex.groups]
+    inner = _group_of(g_hf, "lin1", "weight", 0)
+    assert inner.prunable and inner.size == 4
+    assert [sorted(i) for i in next(m for m in inner.members if m.module == "lin1").index_map()] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    plan_hf, pruned_hf, _ = check_pruned_equals_masked(hf, x, "l1", 0.5)
+    plan_ex, pruned_ex, _ = check_pruned_equals_masked(explicit, x, "l1", 0.5)
+    assert [g.keep for g in plan_hf.groups] == [g.keep for g in plan_ex.groups]
+    assert tuple(pruned_hf.lin1.weight.shape) == (4, 8)
+    assert tuple(pruned_hf.lin2.weight.shape) == (8, 4)
+    assert _shape_literals(pruned_hf) == [(2, 2), (4,)]  # both constants recomputed
+    with torch.no_grad():
+        assert torch.allclose(pruned_hf(x), pruned_ex(x), atol=1e-6)
+        assert pruned_hf(torch.randn(5, 7, 8)).shape == (5, 7, 8)  # runs on other batch/sequence sizes
+
+
+class HFSelfAttention(nn.Module):
+    """BERT-style self-attention: q/k/v Linears, ``transpose_for_scores`` through size tuples,
+    softmax over keys, the context merged back with ``size()[:-2] + (all_head_size,)``."""
+
+    def __init__(self, hidden: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def split_heads(self, t):
+        return t.view(t.size()[:-1] + (self.heads, self.head_dim)).permute(0, 2, 1, 3)
+
+    def forward(self, x):
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim**0.5
+        ctx = torch.matmul(scores.softmax(dim=-1), v).permute(0, 2, 1, 3).contiguous()
+        ctx = ctx.view(ctx.size()[:-2] + (self.heads * self.head_dim,))
+        return self.out(ctx)
+
+
+def test_hf_self_attention_block():
+    model, x = HFSelfAttention(), torch.randn(2, 5, 16)
+    graph = surgery.trace(model, x)
+    qk = _group_of(graph, "query", "weight", 0)
+    assert qk is _group_of(graph, "key", "weight", 0) and qk.prunable and qk.size == 8  # head_dim coordinates
+    v = _group_of(graph, "value", "weight", 0)
+    assert v is _group_of(graph, "out", "weight", 1) and v.prunable and v.size == 8
+    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    for name in ("query", "key", "value"):
+        assert tuple(getattr(pruned, name).weight.shape) == (8, 16)
+    assert tuple(pruned.out.weight.shape) == (16, 8)
+    assert sorted(_shape_literals(pruned)) == [(2, 4), (2, 4), (2, 4), (8,)]
+
+
+class SharedShape(nn.Module):
+    """One size tuple ``x.size()[:-1] + (2, 4)`` used by two views, and also by ``new_zeros``."""
+
+    def __init__(self, zeros: bool):
+        super().__init__()
+        self.zeros = zeros
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 3)
+
+    def forward(self, x):
+        shape = x.size()[:-1] + (2, 4)
+        p, q = self.a(x).view(shape), self.b(x).view(shape)
+        y = torch.cat([p, q], dim=-1)
+        if self.zeros:
+            y = y + x.new_zeros(shape).repeat(1, 1, 1, 2)
+        return self.c(y.flatten(-2))
+
+
+def test_shared_size_constant_keeps_equal_counts():
+    model, x = SharedShape(zeros=False), torch.randn(2, 3, 8)
+    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    assert tuple(pruned.a.weight.shape) == tuple(pruned.b.weight.shape)  # one constant sizes both views
+    assert _shape_literals(pruned) == [(2, tuple(pruned.a.weight.shape)[0] // 2)]
+
+
+def test_size_constant_used_elsewhere_is_left_whole_with_reason():
+    model, x = SharedShape(zeros=True), torch.randn(2, 3, 8)
+    graph = surgery.trace(model, x)
+    g = _group_of(graph, "a", "weight", 0)
+    assert not g.prunable and g.reason is Reason.FIXED_DIM
+    assert "shape tuple add has sizes the rewrite cannot recompute" in g.reason_detail
+    check_pruned_equals_masked(model, x, "l1", 0.5)
+

@@ -55,8 +55,11 @@ class SpaceTable:
         self.cross: dict[int, str] = {}
         self.touched: set[int] = set()
         self.fed: list[bool] = []
-        #: node name -> the space an int (or tuple of ints) was read from, e.g. ``x.size(1)``
+        #: node name -> the space an int was read from (``x.size(1)``), or one entry per int of a
+        #: size tuple: a space id or a ``rules.sizes.Literal`` (a constant in some node's arguments)
         self.int_source: dict[str, object] = {}
+        #: (node, arg, pos) of a size constant -> the first reshape output space it sizes
+        self.literal_dims: dict[tuple, int] = {}
         #: pairs of spaces whose kept counts must agree (a dim sized by another tensor's size)
         self.size_constraints: list[tuple[int, int]] = []
         #: node name -> the spaces of every tensor it produced (filled as nodes are registered)

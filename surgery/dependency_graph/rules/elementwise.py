@@ -10,7 +10,8 @@ from torch import nn
 
 from ..context import BuildCtx
 from ._registry import function_rule, method_rule, module_rule
-from .common import broadcast, tensor_args, unary, op_name
+from .common import broadcast, op_name, tensor_args, unary
+from .sizes import size_tuple_arith
 
 _UNARY_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -56,7 +57,10 @@ def elementwise_unary(ctx: BuildCtx) -> None:
 @function_rule(*_BINARY_FUNCTIONS)
 @method_rule(*_BINARY_METHODS)
 def elementwise_broadcast(ctx: BuildCtx) -> None:
-    broadcast(ctx)
+    if isinstance(ctx.out_val(), torch.Tensor):
+        broadcast(ctx)
+    else:
+        size_tuple_arith(ctx)  # ``x.size()[:-1] + (heads, head_dim)``
 
 
 def _fix_prelu(module: nn.PReLU, ctx) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from ..context import BuildCtx, RewriteCtx
 from ._registry import function_rule, method_rule, module_rule
 from .common import couple_reshape, op_name
+from .sizes import couple_size_reads, packed_shape_node, rewrite_packed_shape
 
 # -- reshape family -------------------------------------------------------------------------
 
@@ -32,6 +33,10 @@ def _new_shape_values(ctx: RewriteCtx, values: list) -> list:
 
 
 def _rewrite_shape(ctx: RewriteCtx) -> None:
+    shape = packed_shape_node(ctx.old, _shape_values(ctx.old))
+    if shape is not None:  # ``x.view(x.size()[:-1] + (h, d))``: the constants live in another node
+        rewrite_packed_shape(ctx, shape)
+        return
     start, packed = _shape_arg_span(ctx.node)
     if start == -1:
         key = "shape" if "shape" in ctx.node.kwargs else "size"
@@ -46,21 +51,9 @@ def _rewrite_shape(ctx: RewriteCtx) -> None:
 def _shape_values(node: torch.fx.Node) -> list:
     start, packed = _shape_arg_span(node)
     if start == -1:
-        return list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+        value = node.kwargs.get("shape", node.kwargs.get("size", ()))
+        return [value] if isinstance(value, torch.fx.Node) else list(value)
     return list(node.args[1]) if packed else list(node.args[1:])
-
-
-def couple_size_reads(ctx: BuildCtx, values: list) -> None:
-    """An output dim sized by ``y.size(d)`` must keep as many entries as ``y``'s dim ``d`` (checked in the solve)."""
-    out = ctx.out_val()
-    if len(values) != out.dim():
-        return
-    for d, v in enumerate(values):
-        if isinstance(v, torch.fx.Node):
-            src = ctx.table.int_source.get(v.name)
-            if isinstance(src, int) and ctx.table.spaces[src].size == out.shape[d]:
-                ctx.table.size_constraints.append((src, ctx.out(d)))
-                ctx.table.touch(ctx.out(d))
 
 
 @function_rule(torch.reshape, rewrite=_rewrite_shape)

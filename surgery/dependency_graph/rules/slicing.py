@@ -227,8 +227,8 @@ def getitem(ctx: BuildCtx) -> None:
     src, index = ctx.node.args[0], ctx.node.args[1]
     value = ctx.val(src)
     ints = ctx.table.int_source.get(src.name) if isinstance(src, torch.fx.Node) else None
-    if isinstance(ints, tuple) and isinstance(index, int):
-        ctx.table.int_source[ctx.node.name] = ints[index]
+    if isinstance(ints, tuple) and isinstance(index, (int, slice)):
+        ctx.table.int_source[ctx.node.name] = ints[index]  # one entry, or a slice of the size tuple
         return
     if isinstance(value, (tuple, list)):
         if isinstance(index, int) and -len(value) <= index < len(value):
