@@ -322,3 +322,75 @@ def test_size_constant_used_elsewhere_is_left_whole_with_reason():
     assert "shape tuple add has sizes the rewrite cannot recompute" in g.reason_detail
     check_pruned_equals_masked(model, x, "l1", 0.5)
 
+
+# ---------------------------------------------------------------------------------------------
+# 4. nn.MultiheadAttention: cross-attention, kdim / vdim
+# ---------------------------------------------------------------------------------------------
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``x`` (Linear 6 -> 16), keys/values from ``mem`` (Linear 5 -> kdim / vdim), 4 heads."""
+
+    def __init__(self, kdim=None, vdim=None, batch_first=False, shared_kv=False):
+        super().__init__()
+        self.shared_kv = shared_kv
+        self.q_in = nn.Linear(6, 16)
+        self.k_in = nn.Linear(5, kdim or 16)
+        self.v_in = nn.Linear(5, vdim or 16)
+        self.attn = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=vdim, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, mem):
+        k = self.k_in(mem)
+        v = k if self.shared_kv else self.v_in(mem)
+        y, _ = self.attn(self.q_in(x), k, v, need_weights=False)
+        return self.head(y)
+
+
+def _cross_inputs(batch_first: bool):
+    x, mem = torch.randn(3, 2, 6), torch.randn(7, 2, 5)  # (L, N, C) / (S, N, C)
+    return (x.transpose(0, 1), mem.transpose(0, 1)) if batch_first else (x, mem)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mha_cross_attention_same_embed_dim(batch_first):
+    model, inputs = CrossAttention(batch_first=batch_first), _cross_inputs(batch_first)
+    graph = surgery.trace(model, inputs)
+    g = _group_of(graph, "attn", "in_proj_weight", 1)
+    assert g.prunable and g.size == 4  # whole heads, through the query, key and value producers
+    assert g is _group_of(graph, "q_in", "weight", 0) is _group_of(graph, "k_in", "weight", 0)
+    assert g is _group_of(graph, "v_in", "weight", 0)
+    _, pruned, _ = check_pruned_equals_masked(model, inputs, "l1", 0.5)
+    assert tuple(pruned.attn.in_proj_weight.shape) == (24, 8)
+    assert tuple(pruned.attn.out_proj.weight.shape) == (8, 8)
+    assert (pruned.attn.embed_dim, pruned.attn.num_heads, pruned.attn.head_dim) == (8, 2, 4)
+    for name in ("q_in", "k_in", "v_in"):
+        assert getattr(pruned, name).weight.shape[0] == 8
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mha_kdim_vdim(batch_first):
+    model, inputs = CrossAttention(kdim=10, vdim=12, batch_first=batch_first), _cross_inputs(batch_first)
+    graph = surgery.trace(model, inputs)
+    kg, vg = _group_of(graph, "attn", "k_proj_weight", 1), _group_of(graph, "attn", "v_proj_weight", 1)
+    assert kg.prunable and kg.size == 10 and kg is _group_of(graph, "k_in", "weight", 0)
+    assert vg.prunable and vg.size == 12 and vg is _group_of(graph, "v_in", "weight", 0)
+    eg = _group_of(graph, "attn", "q_proj_weight", 1)
+    assert eg.prunable and eg.size == 4 and eg is _group_of(graph, "attn", "k_proj_weight", 0)
+    _, pruned, _ = check_pruned_equals_masked(model, inputs, "l1", 0.5)
+    a = pruned.attn
+    assert (a.embed_dim, a.kdim, a.vdim, a.num_heads) == (8, 5, 6, 2)
+    assert tuple(a.q_proj_weight.shape) == (8, 8)
+    assert tuple(a.k_proj_weight.shape) == (8, 5)
+    assert tuple(a.v_proj_weight.shape) == (8, 6)
+    assert tuple(a.in_proj_bias.shape) == (24,)
+    assert tuple(pruned.k_in.weight.shape) == (5, 5) and tuple(pruned.v_in.weight.shape) == (6, 5)
+
+
+def test_mha_shared_key_value_with_kdim():
+    model, inputs = CrossAttention(kdim=10, vdim=10, shared_kv=True), _cross_inputs(False)
+    graph = surgery.trace(model, inputs)
+    kv = _group_of(graph, "attn", "k_proj_weight", 1)
+    assert kv is _group_of(graph, "attn", "v_proj_weight", 1) and kv.prunable and kv.size == 10
+    _, pruned, _ = check_pruned_equals_masked(model, inputs, "l1", 0.5)
+    assert (pruned.attn.kdim, pruned.attn.vdim) == (5, 5)

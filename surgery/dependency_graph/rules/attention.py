@@ -1,8 +1,10 @@
 """Attention: ``nn.MultiheadAttention`` (leaf) and torchvision's Swin window attention.
 
 Both are pruned by whole heads: the attention scale ``1/sqrt(head_dim)`` stays the same, so the
-pruned model equals the masked one. ``nn.MultiheadAttention`` has one ``embed_dim`` for its input,
-its projections and its output, so all of them form one group.
+pruned model equals the masked one. ``nn.MultiheadAttention`` has one ``embed_dim`` for its query,
+its projections and its output, so all of them form one group; its key and value channels belong to
+that group too when it has one fused input projection, and form their own groups (``kdim``,
+``vdim``) when it has separate ones.
 """
 
 from __future__ import annotations
@@ -30,26 +32,37 @@ def _weights_used(ctx: BuildCtx) -> bool:
 def _fix_mha(m: nn.MultiheadAttention, ctx: RewriteCtx) -> None:
     e = m.out_proj.weight.shape[0]
     m.num_heads = e // m.head_dim
-    m.embed_dim = m.kdim = m.vdim = e
+    m.embed_dim = e
+    if m._qkv_same_embed_dim:
+        m.kdim = m.vdim = e
+    else:
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
     m.out_proj.in_features = m.out_proj.out_features = e
 
 
 @module_rule(nn.MultiheadAttention, fix=_fix_mha)
 def multihead_attention(ctx: BuildCtx) -> None:
+    """Self- or cross-attention. The embed dim (query channels, every projection's output rows, the
+    output) is pruned by whole heads; with ``kdim``/``vdim`` (separate projection weights) the key and
+    value channels are groups of their own, pruned with the columns of ``k_proj_weight``/``v_proj_weight``."""
     m = ctx.module
-    q = ctx.arg(0, "query")
-    k, v = ctx.arg(1, "key"), ctx.arg(2, "value")
-    supported = (
-        m._qkv_same_embed_dim and q is k is v and m.bias_k is None and not m.add_zero_attn and not _weights_used(ctx)
-    )
-    if not supported or not ctx.is_tensor(q):
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    if m.bias_k is not None or m.add_zero_attn or _weights_used(ctx) or not all(ctx.is_tensor(t) for t in (q, k, v)):
         return
     emb = ctx.sp(q, -1)
-    ctx.identity(emb, ctx.p("in_proj_weight", 1))
-    rows = ctx.p("in_proj_weight", 0)
-    ctx.table.strided(emb, rows)  # q, k, v blocks of E rows each
+    if m._qkv_same_embed_dim:  # one (3E, E) weight: its columns are the channels of query, key and value
+        cols = ctx.p("in_proj_weight", 1)
+        for t in (q, k, v):
+            ctx.identity(ctx.sp(t, -1), cols)
+        ctx.table.strided(emb, ctx.p("in_proj_weight", 0))  # q, k, v blocks of E rows each
+    else:
+        ctx.identity(emb, ctx.p("q_proj_weight", 1))
+        ctx.identity(ctx.sp(k, -1), ctx.p("k_proj_weight", 1))  # kdim
+        ctx.identity(ctx.sp(v, -1), ctx.p("v_proj_weight", 1))  # vdim
+        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            ctx.identity(emb, ctx.p(name, 0))
     if m.in_proj_bias is not None:
-        ctx.identity(ctx.p("in_proj_bias", 0), rows)
+        ctx.table.strided(emb, ctx.p("in_proj_bias", 0))
     ctx.identity(emb, ctx.p("out_proj.weight", 1))
     ctx.identity(emb, ctx.p("out_proj.weight", 0))  # one embed_dim for input and output
     if m.out_proj.bias is not None:
@@ -57,8 +70,7 @@ def multihead_attention(ctx: BuildCtx) -> None:
     ctx.table.tie_blocks(emb, m.head_dim)
     out = (0,)
     ctx.identity(emb, ctx.out(-1, out))
-    nd = ctx.val(q).dim()
-    for d in range(nd - 1):
+    for d in range(ctx.val(q).dim() - 1):
         ctx.identity(ctx.sp(q, d), ctx.out(d, out))
 
 
