@@ -65,17 +65,26 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
         before = stats(model, inputs)
     step("tracing the dependency graph")
     graph = trace_graph(model, inputs, leaves)
+    applied: dict[str, object] = {}
+
+    def verify(p: Plan):
+        """Apply ``p`` (the rewrite raises RewriteError when it cannot honour it); keep the result."""
+        applied.clear()
+        applied["plan"], applied["model"] = p, apply_to_graph(graph, p)
+        return applied["model"]
+
     if plan is None:
         step(f"scoring channels with {method}")
 
         def macs_of(p: Plan) -> float:
-            return stats(apply_to_graph(graph, p), inputs).macs
+            return stats(verify(p), inputs).macs
 
-        plan = plan_from_graph(model, graph, method, ratio, data, loss=loss, progress=progress, macs_of=macs_of, **options)
+        plan = plan_from_graph(model, graph, method, ratio, data, loss=loss, progress=progress, macs_of=macs_of,
+                               verify=verify, **options)
     if mode is None:
         return Result(graph, plan, None, before)
     step("rebuilding the smaller model" if mode == "prune" else "masking the removed channels")
-    out = apply_to_graph(graph, plan, mode)
+    out = applied["model"] if mode == "prune" and applied.get("plan") is plan else apply_to_graph(graph, plan, mode)
     after = None
     if measure:
         step("counting params and MACs")

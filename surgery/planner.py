@@ -19,8 +19,8 @@ from torch import nn
 
 from . import policies
 from .calibration import Calibration
-from .dependency_graph import DependencyGraph
-from .errors import MethodError, PlanError
+from .dependency_graph import DependencyGraph, Reason
+from .errors import MethodError, PlanError, RewriteError
 from .methods import ScoreContext, Scores, get_method
 from .methods._registry import unknown_name
 from .plan import GroupPlan, Plan, check_ratio, graph_signature, group_fingerprint
@@ -165,10 +165,15 @@ def _build(graph, method: str, ratio: float, policy: str, opts: PlanOptions, met
 
 def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1", ratio: float = 0.5, data=None, *,
                     loss: Callable | None = None, progress: Callable[[str], None] | None = None,
-                    macs_of: Callable[[Plan], float] | None = None, **options) -> Plan:
+                    macs_of: Callable[[Plan], float] | None = None, verify: Callable[[Plan], object] | None = None,
+                    **options) -> Plan:
     """Score the prunable groups of ``graph`` with ``method`` and pick the channels to keep.
 
     ``macs_of(plan)`` (MACs of the model a plan would give) is needed for ``target_macs``.
+    ``verify(plan)`` applies a plan and raises :class:`RewriteError` when the rewrite cannot honour
+    it; the groups at fault are then found one by one, left whole with the rewrite's reason
+    (``Reason.NOT_REWRITABLE``) and the plan is made again, so a plan the rewrite rejects is never
+    returned.
     """
     ratio = check_ratio(ratio)
     opts, method_opts = split_options(method, options)
@@ -176,15 +181,44 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
     leaves = leaf_names(model, opts.leaf_modules)
     groups = [g for g in graph.groups if g.prunable and not (opts.skip_cross_channel and g.cross_channel)]
     scores = _run_method(model, graph, method, groups, data, opts, method_opts, loss, progress)
-    scored = [g for g in groups if g.id in scores.scores]
     normalize = opts.normalize or m.normalize
     policy = opts.policy or ("global" if opts.target_macs is not None else "local")
-    if opts.target_macs is None:
-        removed = _select(scored, scores.scores, ratio, opts, normalize, None)
-        return _build(graph, method, ratio, policy, opts, method_opts, scores, removed, leaves)
-    if macs_of is None:
+    if opts.target_macs is not None and macs_of is None:
         raise PlanError("target_macs needs a way to count MACs (use surgery.plan / surgery.prune)")
-    return _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of)
+    while True:
+        scored = [g for g in groups if g.id in scores.scores and g.prunable]
+        try:
+            if opts.target_macs is None:
+                removed = _select(scored, scores.scores, ratio, opts, normalize, None)
+                plan = _build(graph, method, ratio, policy, opts, method_opts, scores, removed, leaves)
+            else:
+                plan = _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of)
+            if verify is not None and plan.groups:
+                verify(plan)
+            return plan
+        except RewriteError:
+            if verify is None or not _leave_whole_what_fails(graph, verify, plan_of=lambda gp: _one_group(graph, gp, method, ratio, policy, opts, method_opts, leaves)):
+                raise
+
+
+def _one_group(graph, gp: GroupPlan, method, ratio, policy, opts, method_opts, leaves) -> Plan:
+    base = _build(graph, method, ratio, policy, opts, method_opts, Scores({}), {}, leaves)
+    return dataclasses.replace(base, groups=(gp,))
+
+
+def _leave_whole_what_fails(graph: DependencyGraph, verify, plan_of) -> bool:
+    """Mark every group whose pruning alone makes the rewrite fail as not prunable; False if none."""
+    bad = 0
+    for g in graph.groups:
+        if not g.prunable or g.size < 2:
+            continue
+        gp = GroupPlan(g.id, g.size, tuple(range(1, g.size)), g.label)
+        try:
+            verify(plan_of(gp))
+        except RewriteError as err:
+            g.prunable, g.reason, g.reason_detail = False, Reason.NOT_REWRITABLE, str(err)
+            bad += 1
+    return bad > 0
 
 
 def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of) -> Plan:

@@ -74,8 +74,12 @@ def _folded(graph: DependencyGraph, plan: Plan) -> dict[tuple[str, str], torch.T
         fold = gp.fold_matrix()
         if fold is None:
             continue
+        done = set()  # a module called twice is one weight: fold it once
         for site, member in consumers(graph, graph.groups[gp.id]):
             key = (site.owner, site.weight)
+            if key in done:
+                continue
+            done.add(key)
             base = out.get(key, getattr(_owner(graph.root, site.owner), site.weight))
             out[key] = _fold_tensor(base, member, gp.keep, fold)
     return out
@@ -118,7 +122,10 @@ def _changed(graph: DependencyGraph, node: torch.fx.Node, removed: np.ndarray) -
     )
 
 
-def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np.ndarray) -> None:
+def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np.ndarray, owners: set[str]) -> None:
+    """Run each changed node's rewrite hook (functions) or fix hook (modules: also when only the
+    module's own parameters changed, e.g. a leaf with an internal width); ``owners`` are the
+    modules whose tensors lost entries."""
     new_nodes = {n.name: n for n in gm.graph.nodes}
     fixed: set[str] = set()
     for old in graph.fx_graph.nodes:
@@ -126,7 +133,10 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np
             continue
         module = graph.root.get_submodule(old.target) if old.op == "call_module" else None
         rule = lookup(old, module)
-        if rule is None or (old.op != "call_module" and not _changed(graph, old, removed)):
+        if rule is None:
+            continue
+        own = old.op == "call_module" and any(o == old.target or o.startswith(old.target + ".") for o in owners)
+        if not own and not _changed(graph, old, removed):
             continue
         ctx = RewriteCtx(graph, old, new_nodes[old.name], removed)
         try:
@@ -153,7 +163,7 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> t
     else:
         gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor, folded))
     if mode == "prune":
-        _rewrite_nodes(gm, graph, removed)
+        _rewrite_nodes(gm, graph, removed, {owner for owner, _ in per_tensor})
         gm.graph.lint()
         gm.recompile()
         try:

@@ -14,6 +14,7 @@ class Reason(enum.Enum):
     FIXED_DIM = "is a dimension the op cannot shrink"
     NOT_PRODUCED = "is created by an op without parameters to shrink"
     SINGLE_CHANNEL = "has a single channel, which always stays"
+    NOT_REWRITABLE = "cannot be rewritten consistently"
 
     def describe(self, detail: str = "") -> str:
         return f"{self.value}: {detail}" if detail else self.value
