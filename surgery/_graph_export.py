@@ -17,20 +17,36 @@ from rich.table import Table
 
 from .errors import SurgeryError
 
-__all__ = ["FORMATS", "groups_table", "render_text", "groups_data", "export"]
+__all__ = ["FORMATS", "groups_table", "coverage_text", "render_text", "groups_data", "export"]
 
 FORMATS = ("text", "json", "dot", "graphml", "png")
 
 
-def groups_table(dep, title: str = "") -> Table:
-    """A table of groups: id, size, prunable, reason, label."""
+def groups_table(dep, title: str = "", show_all: bool = False) -> Table:
+    """A table of groups for a person: prunable groups first; one-channel groups (a stem kernel's
+    height, a ``view``'s unit dims) folded into one summary line unless ``show_all``."""
     table = Table(title=escape(title) if title else None)
     for col in ("id", "size", "prunable", "reason", "label"):
         table.add_column(col, justify="right" if col in ("id", "size") else "left", overflow="fold")
-    for g in dep.groups:
+    ordered = sorted(dep.groups, key=lambda g: (not g.prunable, g.id))
+    folded = [g for g in ordered if g.size <= 1] if not show_all else []
+    for g in ordered:
+        if g in folded:
+            continue
         reason = g.why if not g.prunable else (f"cross-channel: {g.cross_channel}" if g.cross_channel else "")
         table.add_row(str(g.id), str(g.size), "yes" if g.prunable else "no", escape(reason or g.reason_detail or ""), escape(g.label))
+    if folded:
+        table.add_row("", "1", "no", f"{len(folded)} one-channel groups (always kept; --all lists them)", "")
     return table
+
+
+def coverage_text(cov) -> str:
+    """``share of parameters in prunable groups`` and, by reason and op, what blocks the rest."""
+    lines = [f"parameters in prunable groups: {cov.prunable_params:,} of {cov.params:,} ({100 * cov.share:.1f}%)"]
+    if cov.blockers:
+        lines.append("blocked (reason, op: groups, parameters):")
+        lines += [f"  {b.reason}, {b.op}: {b.groups} groups, {b.params:,} params" for b in cov.blockers]
+    return "\n".join(lines)
 
 
 def render_text(table: Table) -> str:
@@ -100,10 +116,12 @@ def _png(g: nx.DiGraph) -> bytes:
 
 def export(dep, format: str, source: str = "") -> str | bytes:
     """The dependency graph in ``format`` (not ``text``: see :func:`groups_table`)."""
+    from .coverage import coverage
+
     g = dep.to_networkx()
     if format == "json":
-        return json.dumps({"model": source, "groups": groups_data(dep), "graph": nx.node_link_data(g, edges="edges")},
-                          indent=1, default=str)
+        return json.dumps({"model": source, "coverage": coverage(dep).as_dict(), "groups": groups_data(dep),
+                           "graph": nx.node_link_data(g, edges="edges")}, indent=1, default=str)
     if format == "dot":
         return _dot(_flat_attrs(g))
     if format == "graphml":

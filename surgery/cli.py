@@ -298,9 +298,10 @@ def graph(
     model: ModelArg,
     format: Annotated[str, typer.Option("--format", "-f", help="text, json, dot, graphml or png.")] = "text",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="List one-channel groups too instead of one summary line.")] = False,
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
-    """Show the channel groups of MODEL, or export its dependency graph."""
+    """Show the channel groups of MODEL and what blocks pruning, or export its dependency graph."""
 
     def work():
         import surgery
@@ -313,12 +314,16 @@ def graph(
         net, x, source = _load(model, trust, weights, input_shape, kwargs)
         dep = surgery.trace(net, x, tuple(leaf or ()))
         if format == "text":
+            from surgery.coverage import coverage
+
             table = graph_export.groups_table(dep, f"{source}: {len(dep.groups)} groups, "
-                                                   f"{sum(g.prunable for g in dep.groups)} prunable")
+                                                   f"{sum(g.prunable for g in dep.groups)} prunable", show_all=all_)
+            summary = graph_export.coverage_text(coverage(dep))
             if out is None:
                 _out.print(table)
+                _out.print(escape(summary))
             else:
-                checkpoint.atomic_write(out, graph_export.render_text(table))
+                checkpoint.atomic_write(out, graph_export.render_text(table) + summary + "\n")
             return
         data = graph_export.export(dep, format, source)
         if out is None:
