@@ -9,7 +9,7 @@ Examples
 >>> import torch, surgery
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
 >>> cov = coverage(surgery.trace(net, torch.randn(1, 3, 16, 16)))
->>> cov.params, cov.prunable_params, round(cov.share, 3)
+>>> cov.params, cov.prunable_params, round(cov.share, 3)   # the last bias is sized by the output
 (516, 516, 1.0)
 """
 
