@@ -46,7 +46,7 @@ def default_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
         raise SurgeryError("the default loss (cross-entropy) needs class logits as the model output; pass loss=...")
     if out.dim() > 2:
         out = out.flatten(2).mean(-1)
-    return F.cross_entropy(out.float(), labels)
+    return F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), labels)
 
 
 def record(graph, calibration: Calibration, watch: Iterable[str], visit: Visitor, *, grad: bool = False,
@@ -78,7 +78,7 @@ def record(graph, calibration: Calibration, watch: Iterable[str], visit: Visitor
                 outputs = runner.run(*inputs)
                 value = (loss or default_loss)(outputs, labels)
                 names = [k for k, v in runner.seen.items() if v.requires_grad]
-                grads = torch.autograd.grad(value, [runner.seen[k] for k in names], allow_unused=True)
+                grads = torch.autograd.grad(value, [runner.seen[k] for k in names], allow_unused=True) if names else ()
             gdict = {k: (g if g is not None else torch.zeros_like(runner.seen[k])).detach() for k, g in zip(names, grads)}
             visit({k: v.detach() for k, v in runner.seen.items()}, gdict, labels)
     return n
