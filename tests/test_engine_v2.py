@@ -79,7 +79,7 @@ def test_split_negative_dim_and_keywords(how):
     model, x = SplitNet(how), torch.randn(2, 5, 6)
     graph = surgery.trace(model, x)
     assert sorted(g.size for g in graph.prunable_groups) == [3, 5]  # one group per part
-    plan, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    plan, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     assert tuple(pruned.a.weight.shape) == (5, 6)  # 3 -> 2 and 5 -> 3 channels
     assert tuple(pruned.b1.weight.shape) == (4, 2)
     assert tuple(pruned.b2.weight.shape) == (4, 3)
@@ -113,7 +113,7 @@ def test_chunk_negative_dim_and_index(how):
     # both halves feed the same Linear, so half i and half j go together: one group of 4
     graph = surgery.trace(model, x)
     assert [g.size for g in graph.prunable_groups] == [4]
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     assert tuple(pruned.a.weight.shape) == (4, 6)
     assert tuple(pruned.b.weight.shape) == (3, 2)
 
@@ -136,7 +136,7 @@ class SelectNet(nn.Module):
 @pytest.mark.parametrize("method", [False, True], ids=["torch.select", "Tensor.select"])
 def test_select_passes_channels(method):
     model, x = SelectNet(method), torch.randn(2, 5, 6)
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     assert tuple(pruned.a.weight.shape) == (4, 6)
     assert tuple(pruned.b.weight.shape) == (3, 4)
 
@@ -153,7 +153,7 @@ def test_unbind_and_cat_negative_dims():
             return self.b(torch.cat([first, second], dim=-1))
 
     model, x = Net(), torch.randn(3, 2, 6)
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     assert tuple(pruned.a.weight.shape) == (4, 6)
     assert tuple(pruned.b.weight.shape) == (3, 8)
 
@@ -197,7 +197,7 @@ def test_raising_rule_stops_its_node_and_trace_goes_on():
         assert g.reason_detail.endswith(f"({expected})"), g.reason_detail
     side = _group_of(graph, "side1", "weight", 0)
     assert side.prunable and side.size == 10
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5, leaf_modules=[Exploding])
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5, leaf_modules=[Exploding])
     assert tuple(pruned.side1.weight.shape) == (5, 6)
     assert tuple(pruned.side2.weight.shape) == (3, 5)
     assert tuple(pruned.pre.weight.shape) == (8, 6)
@@ -244,8 +244,8 @@ def test_hf_size_tuple_reshape_prunes_like_explicit_sizes():
     inner = _group_of(g_hf, "lin1", "weight", 0)
     assert inner.prunable and inner.size == 4
     assert [sorted(i) for i in next(m for m in inner.members if m.module == "lin1").index_map()] == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    plan_hf, pruned_hf, _ = check_pruned_equals_masked(hf, x, "l1", 0.5)
-    plan_ex, pruned_ex, _ = check_pruned_equals_masked(explicit, x, "l1", 0.5)
+    plan_hf, pruned_hf, _ = check_pruned_equals_masked(hf, x, ratio=0.5)
+    plan_ex, pruned_ex, _ = check_pruned_equals_masked(explicit, x, ratio=0.5)
     assert [g.keep for g in plan_hf.groups] == [g.keep for g in plan_ex.groups]
     assert tuple(pruned_hf.lin1.weight.shape) == (4, 8)
     assert tuple(pruned_hf.lin2.weight.shape) == (8, 4)
@@ -283,7 +283,7 @@ def test_hf_self_attention_block():
     assert qk is _group_of(graph, "key", "weight", 0) and qk.prunable and qk.size == 8  # head_dim coordinates
     v = _group_of(graph, "value", "weight", 0)
     assert v is _group_of(graph, "out", "weight", 1) and v.prunable and v.size == 8
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     for name in ("query", "key", "value"):
         assert tuple(getattr(pruned, name).weight.shape) == (8, 16)
     assert tuple(pruned.out.weight.shape) == (16, 8)
@@ -309,7 +309,7 @@ class SharedShape(nn.Module):
 
 def test_shared_size_constant_keeps_equal_counts():
     model, x = SharedShape(zeros=False), torch.randn(2, 3, 8)
-    _, pruned, _ = check_pruned_equals_masked(model, x, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     assert tuple(pruned.a.weight.shape) == tuple(pruned.b.weight.shape)  # one constant sizes both views
     assert _shape_literals(pruned) == [(2, tuple(pruned.a.weight.shape)[0] // 2)]
 
@@ -320,7 +320,7 @@ def test_size_constant_used_elsewhere_is_left_whole_with_reason():
     g = _group_of(graph, "a", "weight", 0)
     assert not g.prunable and g.reason is Reason.FIXED_DIM
     assert "shape tuple add has sizes the rewrite cannot recompute" in g.reason_detail
-    check_pruned_equals_masked(model, x, "l1", 0.5)
+    check_pruned_equals_masked(model, x, ratio=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_mha_cross_attention_same_embed_dim(batch_first):
     assert g.prunable and g.size == 4  # whole heads, through the query, key and value producers
     assert g is _group_of(graph, "q_in", "weight", 0) is _group_of(graph, "k_in", "weight", 0)
     assert g is _group_of(graph, "v_in", "weight", 0)
-    _, pruned, _ = check_pruned_equals_masked(model, inputs, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, inputs, ratio=0.5)
     assert tuple(pruned.attn.in_proj_weight.shape) == (24, 8)
     assert tuple(pruned.attn.out_proj.weight.shape) == (8, 8)
     assert (pruned.attn.embed_dim, pruned.attn.num_heads, pruned.attn.head_dim) == (8, 2, 4)
@@ -377,7 +377,7 @@ def test_mha_kdim_vdim(batch_first):
     assert vg.prunable and vg.size == 12 and vg is _group_of(graph, "v_in", "weight", 0)
     eg = _group_of(graph, "attn", "q_proj_weight", 1)
     assert eg.prunable and eg.size == 4 and eg is _group_of(graph, "attn", "k_proj_weight", 0)
-    _, pruned, _ = check_pruned_equals_masked(model, inputs, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, inputs, ratio=0.5)
     a = pruned.attn
     assert (a.embed_dim, a.kdim, a.vdim, a.num_heads) == (8, 5, 6, 2)
     assert tuple(a.q_proj_weight.shape) == (8, 8)
@@ -392,5 +392,62 @@ def test_mha_shared_key_value_with_kdim():
     graph = surgery.trace(model, inputs)
     kv = _group_of(graph, "attn", "k_proj_weight", 1)
     assert kv is _group_of(graph, "attn", "v_proj_weight", 1) and kv.prunable and kv.size == 10
-    _, pruned, _ = check_pruned_equals_masked(model, inputs, "l1", 0.5)
+    _, pruned, _ = check_pruned_equals_masked(model, inputs, ratio=0.5)
     assert (pruned.attn.kdim, pruned.attn.vdim) == (5, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. the export front end: aten.embedding (weight first) and aten.select.int
+# ---------------------------------------------------------------------------------------------
+
+
+class ShapeBranchTokens(nn.Module):
+    """Embedding -> Linear on (B, L) token ids, the last position taken with ``select``; a Python
+    branch on a shape makes fx fail, so ``torch.export`` traces it (aten graph)."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.emb = nn.Embedding(20, 8)
+        self.lin = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        e = F.embedding(tokens, self.emb.weight) if self.functional else self.emb(tokens)
+        if e.shape[1] > 2:
+            e = e * 2.0
+        return self.head(torch.relu(self.lin(e)).select(1, -1))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.Embedding", "F.embedding"])
+def test_export_embedding_and_select(functional):
+    model, tokens = ShapeBranchTokens(functional), torch.randint(0, 20, (2, 5))
+    graph = surgery.trace(model, tokens)
+    assert graph.frontend == "export"
+    targets = {n.target for n in graph.fx_graph.nodes}
+    assert torch.ops.aten.embedding.default in targets and torch.ops.aten.select.int in targets
+    emb = _group_of(graph, "emb", "weight", 1)
+    assert emb.prunable and emb.size == 8 and emb is _group_of(graph, "lin", "weight", 1)
+    lin = _group_of(graph, "lin", "weight", 0)
+    assert lin.prunable and lin.size == 6 and lin is _group_of(graph, "head", "weight", 1)
+    assert not any(m.module == "emb" and m.dim == 0 for g in graph.prunable_groups for m in g.members)  # vocabulary
+    _, pruned, _ = check_pruned_equals_masked(model, tokens, ratio=0.5)
+    assert tuple(pruned.get_parameter("emb.weight").shape) == (20, 4)
+    assert tuple(pruned.get_parameter("lin.weight").shape) == (3, 4)
+    assert tuple(pruned.get_parameter("head.weight").shape) == (3, 3)
+
+
+def test_functional_embedding_fx():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(20, 8))
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.lin(F.embedding(tokens, self.table, padding_idx=0).select(1, 0))
+
+    model, tokens = Net(), torch.randint(0, 20, (2, 5))
+    _, pruned, _ = check_pruned_equals_masked(model, tokens, ratio=0.5)
+    assert tuple(pruned.table.shape) == (20, 4)
+    assert tuple(pruned.lin.weight.shape) == (3, 4)

@@ -1,7 +1,9 @@
 """The same op rules for the aten-level graphs that ``torch.export`` produces (second front end).
 
-Most aten overloads take their arguments in the order of the torch functions they implement, so
-they reuse those rules; the few that differ (batch norm, slice, split) have small rules here.
+Rules read arguments by name (``arguments.py`` binds each aten overload to its schema), so the aten
+overloads reuse the torch-function rules, with a parameter renamed where the schema's name differs
+(``embedding(weight, indices)``); the few that differ in meaning (batch norm, slice, split) have small
+rules here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def _ops(*names: str):
 for _n, _name in ((1, "conv1d"), (2, "conv2d"), (3, "conv3d")):
     function_rule(*_ops(_name), rewrite=conv.rewrite_functional_conv)(conv.FUNCTIONAL_CONV[_n])
 function_rule(*_ops("linear"))(linear.functional_linear)
+function_rule(*_ops("embedding"), aliases={"indices": "input"})(linear.functional_embedding)  # (weight, indices)
 
 function_rule(*_ops(
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_", "hardsigmoid",
@@ -47,6 +50,7 @@ function_rule(*_ops("flatten.using_ints", "unsqueeze", "squeeze.dim", "squeeze.d
 function_rule(*_ops("permute", "transpose.int", "t"))(shape.permute)
 function_rule(*_ops("expand"), rewrite=shape._rewrite_shape)(shape.expand)
 function_rule(*_ops("unbind.int"))(slicing.unbind)
+function_rule(*_ops("select.int"))(slicing.select)
 function_rule(*_ops("chunk"), rewrite=slicing._rewrite_chunk_like)(slicing.chunk)
 function_rule(*_ops("split_with_sizes"), rewrite=slicing._rewrite_split)(slicing.split)
 

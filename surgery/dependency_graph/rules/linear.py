@@ -45,13 +45,23 @@ def _fix_embedding(module: nn.Embedding, ctx: RewriteCtx) -> None:
     module.embedding_dim = module.weight.shape[1]
 
 
+def _couple_embedding(ctx: BuildCtx, idx, w_dim: int) -> None:
+    """Output = index dims + one embedding dim; the vocabulary dim (weight rows) stays whole."""
+    for d in range(ctx.val(idx).dim()):
+        ctx.identity(ctx.sp(idx, d), ctx.out(d))
+    ctx.identity(w_dim, ctx.out(-1))
+
+
 @module_rule(nn.Embedding, fix=_fix_embedding)
 def embedding(ctx: BuildCtx) -> None:
-    idx = ctx.input
-    nd = ctx.val(idx).dim()
-    for d in range(nd):
-        ctx.identity(ctx.sp(idx, d), ctx.out(d))
-    ctx.identity(ctx.p("weight", 1), ctx.out(-1))
+    _couple_embedding(ctx, ctx.input, ctx.p("weight", 1))
+
+
+@function_rule(F.embedding)
+def functional_embedding(ctx: BuildCtx) -> None:
+    idx, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
+    if ctx.is_tensor(idx) and ctx.is_tensor(w) and ctx.val(w).dim() == 2:
+        _couple_embedding(ctx, idx, ctx.sp(w, 1))
 
 
 __all__ = ["torch"]
