@@ -21,21 +21,19 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import surgery  # noqa: E402
+from surgery.calibration.data import digits as builtin_digits  # noqa: E402
+from surgery.methods import get_method  # noqa: E402
 from samples.resnet_mini import resnet_mini  # noqa: E402
 
 
 def digits(size: int = 16):
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target)
+    """The built-in calibration set (``--data digits``), split into train and test."""
+    x, y = builtin_digits((1, 1, size, size))
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
     return (xtr, ytr), (xte, yte)
 
@@ -67,7 +65,7 @@ def accuracy(model, data) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--method", default="l1", choices=surgery.methods())
+    ap.add_argument("--method", default="thinet", choices=surgery.methods())
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--finetune", type=int, default=3)
@@ -89,9 +87,10 @@ def main(argv=None) -> int:
         trained, small = Path(tmp, "trained.pt"), Path(tmp, "pruned.pt")
         surgery.save(model, trained, metadata={"source": "samples.resnet_mini:resnet_mini", "dataset": "sklearn digits"})
         cli = [shutil.which("surgery") or sys.executable, *([] if shutil.which("surgery") else ["-m", "surgery.cli"])]
+        data = ["--data", "digits", "--calib-batches", "8"] if get_method(args.method).needs_data else []
         cmd = [*cli, "prune", str(trained), "--method", args.method, "--ratio", str(args.ratio),
-               "--input-shape", ",".join(map(str, example.shape)), "--out", str(small)]
-        console.print(f"$ surgery prune trained.pt --method {args.method} --ratio {args.ratio} --out pruned.pt")
+               "--input-shape", ",".join(map(str, example.shape)), *data, "--out", str(small)]
+        console.print(f"$ surgery prune trained.pt --method {args.method} --ratio {args.ratio} {' '.join(data)} --out pruned.pt")
         subprocess.run(cmd, check=True)
         pruned = surgery.load(small)
     acc_pruned = accuracy(pruned, test_set)

@@ -8,6 +8,7 @@ unknown with the list of known options.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,7 +147,7 @@ def register_method(name: str, summary: str, *, paper: str = "", needs=("weights
     def deco(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        _METHODS[name] = Method(name, fn, summary, paper, needs, tuple(options), normalize, (fn.__doc__ or "").strip())
+        _METHODS[name] = Method(name, fn, summary, paper, needs, tuple(options), normalize, inspect.cleandoc(fn.__doc__ or ""))
         return fn
 
     return deco
