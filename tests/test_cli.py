@@ -107,6 +107,7 @@ def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli")
     (d / "empty.pt").write_bytes(b"")
     (d / "text.pt").write_text("this is a text file, not a model\n")
+    (d / "text.npz").write_text("not an npz archive\n")
     for name, src in (("cli_foreign_mod", FOREIGN_MODULE), ("cli_evil_mod", EVIL_MODULE), ("cli_branchy", UNTRACEABLE_MODULE)):
         _write_module(d, name, src)
     sys.path.insert(0, str(d))
@@ -156,6 +157,20 @@ BAD = {
                    r"--kwargs must be a JSON object"),
     "untraceable": (["prune", "cli_branchy:make", "--input-shape", "1,3,8,8", "--out", "OUT"], None,
                     r"cannot trace Branchy.*cli_branchy\.py:\d+ `if x\.sum\(\) > 0:`.*--leaf"),
+    "unknown_option": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--method", "random", "--option", "sed=3", "--out", "OUT"],
+                       "small.pt", r"unknown option 'sed' for method 'random' \(did you mean 'seed'\?\); known options: .*seed"),
+    "bad_option_value": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--method", "random", "--option", "seed=x", "--out", "OUT"],
+                         "small.pt", r"option 'seed' of method 'random' must be a int, got 'x'"),
+    "option_without_value": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--option", "seed", "--out", "OUT"],
+                             "small.pt", r"--option takes NAME=VALUE"),
+    "method_needs_data": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--method", "thinet", "--out", "OUT"],
+                          "small.pt", r"method 'thinet' needs calibration data"),
+    "missing_data": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--method", "apoz", "--data", "nodata.npz", "--out", "OUT"],
+                     "small.pt", r"data 'nodata\.npz' not found"),
+    "corrupt_data": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--method", "apoz", "--data", "text.npz", "--out", "OUT"],
+                     "small.pt", r"cannot read data .*text\.npz"),
+    "bad_target_macs": (["prune", "small.pt", "--input-shape", "1,3,16,16", "--target-macs", "0", "--out", "OUT"],
+                        "small.pt", r"target_macs is the fraction of MACs to keep"),
 }
 
 
