@@ -2,12 +2,16 @@
 
 MACs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` while the forward runs on
 fake tensors (:class:`torch._subclasses.fake_tensor.FakeTensorMode`), so a 100-GFLOP model is
-measured without doing 100 GFLOPs of work. The model passed in is never mutated: its parameters
+measured without doing 100 GFLOPs of work. Fused attention kernels that FlopCounterMode has no
+formula for (``nn.MultiheadAttention``'s and ``nn.TransformerEncoderLayer``'s fast paths, the CPU
+flash kernel of ``F.scaled_dot_product_attention``) are counted too: projections, ``q k^T`` and
+``attn v``. The model passed in is never mutated: its parameters
 stay where they are and every module's training flag is restored.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +47,66 @@ class ModelStats:
         return text
 
 
+# -- attention kernels FlopCounterMode has no formula for ----------------------------------------
+# Formulas receive tensor shapes (FlopCounterMode's shape_wrapper) and return FLOPs (2 per MAC).
+
+
+def _attention_macs(q: tuple, k: tuple, v: tuple) -> int:
+    """``softmax(q k^T) v`` on (..., L, E) / (..., S, E) / (..., S, Ev): the q's leading dims batch."""
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _attention_macs(tuple(query), tuple(key), tuple(value))
+
+
+def _heads(shape: tuple, heads: int) -> tuple:
+    """(B, L, E) or (L, E) -> (B, heads, L, E // heads)."""
+    b = shape[0] if len(shape) == 3 else 1
+    return b, heads, shape[-2], shape[-1] // heads
+
+
+def _native_mha_flops(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, *args,
+                      out_shape=None, **kwargs) -> int:
+    """``nn.MultiheadAttention``'s fast path: in-projections, ``q k^T``, ``attn v``, out-projection."""
+    rows_q = math.prod(query[:-1])
+    rows_kv = math.prod(key[:-1])
+    e_in, e = qkv_weight[1], qkv_weight[0] // 3
+    macs = rows_q * e_in * e + 2 * rows_kv * e_in * e  # q, k, v projections
+    q, k = _heads(tuple(query[:-1]) + (e,), num_head), _heads(tuple(key[:-1]) + (e,), num_head)
+    macs += _attention_macs(q, k, k)
+    macs += rows_q * proj_weight[1] * proj_weight[0]
+    return 2 * macs
+
+
+def _encoder_layer_flops(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu,
+                         norm_first, eps, nw1, nb1, nw2, nb2, ffn_weight_1, ffn_bias_1, ffn_weight_2, *args,
+                         out_shape=None, **kwargs) -> int:
+    """``nn.TransformerEncoderLayer``'s fast path: self-attention plus the two feed-forward Linears."""
+    rows = math.prod(src[:-1])
+    ffn = rows * (ffn_weight_1[0] * ffn_weight_1[1] + ffn_weight_2[0] * ffn_weight_2[1])
+    return _native_mha_flops(src, src, src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight) + 2 * ffn
+
+
+def _attention_mapping() -> dict:
+    aten = torch.ops.aten
+    formulas = {
+        "_native_multi_head_attention": _native_mha_flops,
+        "_transformer_encoder_layer_fwd": _encoder_layer_flops,
+        "_scaled_dot_product_flash_attention_for_cpu": _sdpa_flops,
+        "_scaled_dot_product_fused_attention_overrideable": _sdpa_flops,
+    }
+    return {getattr(aten, name): f for name, f in formulas.items() if hasattr(aten, name)}
+
+
+_ATTENTION_FLOPS = _attention_mapping()
+
+
+def _counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
+
+
 def _one_line(exc: BaseException) -> str:
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -50,7 +114,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _count_macs(model: nn.Module, inputs: tuple) -> int:
     """MACs of one forward pass on fake copies of the model's tensors; real run only as a fallback."""
-    counter = FlopCounterMode(display=False)
+    counter = _counter()
     try:
         # Fake mode fails on data-dependent shapes (nonzero, .item() control flow): the fallback runs for real.
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -61,7 +125,7 @@ def _count_macs(model: nn.Module, inputs: tuple) -> int:
             with torch.no_grad(), counter:
                 functional_call(model, fake_state, fake_inputs)
     except Exception:
-        counter = FlopCounterMode(display=False)
+        counter = _counter()
         try:
             with torch.no_grad(), counter:
                 model(*inputs)
