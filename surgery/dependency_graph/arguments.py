@@ -186,9 +186,8 @@ class NodeArgs:
             return None
         if name is not None and name in self.names:
             return name
-        if index is not None and index < len(self.names):
-            return self.names[index]
-        return name
+        by_position = [n for n, i in self.positional.items() if i == index]
+        return by_position[0] if by_position else name
 
     def get(self, index: int | None, name: str | None = None, default=MISSING):
         """Argument ``name`` (or, where the signature has no such name, the one at ``index``)."""

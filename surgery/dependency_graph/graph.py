@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -20,108 +19,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-from . import rules  # noqa: F401  (registers every op rule)
-from .context import BuildCtx, tensor_slots
+from .coupling import couple_node
 from .group import Group, Member
 from .reasons import Reason
-from .rules._registry import lookup
 from .spaces import SpaceTable
 from .tracing import Traced, normalize_inputs, trace_graph
 
 __all__ = ["DependencyGraph", "build_graph", "trace"]
-
-
-def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
-    seen: dict[torch.fx.Node, None] = {}
-    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: seen.setdefault(n))
-    return list(seen)
-
-
-def _slot_spaces(table: SpaceTable, node: torch.fx.Node) -> list[int]:
-    return table.node_spaces[node.name]  # nodes are registered in graph order, before any user
-
-
-def _read_spaces(table: SpaceTable, node: torch.fx.Node, arg: torch.fx.Node) -> list[int]:
-    """Spaces of ``arg`` that ``node`` reads: only the selected element for ``tuple_value[i]``."""
-    if node.target is operator.getitem and node.args[0] is arg and isinstance(node.args[1], int):
-        value = arg.meta.get("val")
-        if isinstance(value, (tuple, list)) and -len(value) <= node.args[1] < len(value):
-            i = node.args[1] % len(value)
-            return [table.tensor(arg.name, (i,) + p, d) for p, t in tensor_slots(value[i]) for d in range(t.dim())]
-    return _slot_spaces(table, arg)
-
-
-def _register_outputs(table: SpaceTable, node: torch.fx.Node) -> None:
-    table.node_spaces[node.name] = [
-        table.tensor(node.name, path, d, t.shape[d]) for path, t in tensor_slots(node.meta.get("val")) for d in range(t.dim())
-    ]
-
-
-def _owner_and_name(target: str) -> tuple[str, str]:
-    owner, _, name = target.rpartition(".")
-    return owner, name
-
-
-def _couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
-    _register_outputs(table, node)
-    if node.op == "placeholder":
-        for sid in _slot_spaces(table, node):
-            table.stop(sid, Reason.MODEL_INPUT, node.name)
-        return
-    if node.op == "output":
-        for arg in _input_nodes(node):
-            for sid in _slot_spaces(table, arg):
-                table.stop(sid, Reason.MODEL_OUTPUT, arg.name)
-        return
-    if node.op == "get_attr":
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor):
-            owner, name = _owner_and_name(node.target)
-            real = getattr(gm.get_submodule(owner) if owner else gm, name, None)
-            for d in range(value.dim()):
-                table.identity(table.tensor(node.name, (), d), table.param(owner, name, d, value.shape[d], real))
-        return
-    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    rule = lookup(node, module)
-    ins = [sid for arg in _input_nodes(node) for sid in _read_spaces(table, node, arg)]
-    outs = _slot_spaces(table, node)
-    if rule is None:
-        what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-        for sid in ins + outs:
-            table.stop(sid, Reason.UNSUPPORTED_OP, f"{what} ({node.name})")
-        return
-    table.touched = set()
-    ctx = BuildCtx(table, node, module, rule.aliases)
-    try:
-        rule.couple(ctx)
-    except Exception as exc:  # noqa: BLE001  (a rule that cannot explain its node stops it; the trace goes on)
-        _stop_failed_node(table, node, module, ins + outs, exc)
-        return
-    touched = table.touched
-    for sid in ins:
-        if sid not in touched:
-            table.stop(sid, Reason.FIXED_DIM, ctx.describe())
-    for sid in outs:
-        if sid not in touched:
-            table.stop(sid, Reason.NOT_PRODUCED, ctx.describe())
-
-
-def _stop_failed_node(table: SpaceTable, node: torch.fx.Node, module: nn.Module | None, spaces: list[int],
-                      exc: Exception) -> None:
-    """Stop every space a failed rule could have coupled: the node's inputs and outputs, the spaces
-    the rule touched before raising, and every dim of the module's own tensors. Couplings the rule
-    made before raising only join atoms of these spaces, so stops (which win) cover them."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    detail = f"{node.format_node()}: rule raised {type(exc).__name__}" + (f": {first}" if first else "")
-    table.int_source.pop(node.name, None)
-    spaces = list(spaces) + sorted(table.touched)
-    if module is not None:
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            sub, _, leaf = name.rpartition(".")
-            owner = f"{node.target}.{sub}" if sub else node.target
-            spaces += [table.param(owner, leaf, d, t.shape[d], t) for d in range(t.dim())]
-    for sid in spaces:
-        table.stop(sid, Reason.UNSUPPORTED_OP, detail)
 
 
 def _unique_sorted(a: np.ndarray) -> np.ndarray:
@@ -381,7 +285,7 @@ def build_graph(traced: Traced, example_inputs=()) -> DependencyGraph:
     """Dependency graph of a traced model whose nodes carry ``meta['val']``."""
     table = SpaceTable()
     for node in traced.graph.nodes:
-        _couple_node(table, traced.root, node)
+        couple_node(table, traced.root, node)
     return DependencyGraph(traced, table, normalize_inputs(example_inputs) if example_inputs != () else ())
 
 
