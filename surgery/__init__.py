@@ -14,10 +14,11 @@ from .methods import register_method
 from .pipeline import plan, prune
 from .plan import Plan
 from .rewrite import apply
+from .sensitivity import sensitivity
 from .stats import ModelStats, stats
 
 __all__ = [
     "DependencyGraph", "Group", "Member", "ModelStats", "Plan", "Reason", "SurgeryError",
-    "apply", "load", "methods", "plan", "prune", "register_method", "save", "stats", "trace",
+    "apply", "load", "methods", "plan", "prune", "register_method", "save", "sensitivity", "stats", "trace",
 ]
 __version__ = "0.1.0"
