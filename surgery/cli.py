@@ -100,19 +100,18 @@ def _run(debug: bool, work: Callable[[], None]) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int):
-    """A transient rich progress bar on stdout; ``step(text)`` advances it (silent when piped)."""
+def _progress():
+    """A transient rich progress display on stdout; ``step(text)`` shows the current stage or
+    calibration batch (silent when piped). The stage count is not known ahead (methods report
+    batches), so the bar pulses with the elapsed time beside it."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=_out, transient=True) as bar:
-        task = bar.add_task("starting", total=total)
-        first = [True]
+        task = bar.add_task("starting", total=None)
 
         def step(text: str) -> None:
-            bar.update(task, description=escape(text), advance=0 if first[0] else 1)
-            first[0] = False
+            bar.update(task, description=escape(text))
 
         yield step
-        bar.update(task, completed=total)
 
 
 def _check_output(path: Path | None, model: str, what: str = "output") -> None:
@@ -273,7 +272,7 @@ def prune(
                 saved = Plan.from_json(plan_in.read_text())
             except OSError as exc:
                 raise SurgeryError(f"cannot read plan {plan_in}: {exc.strerror or exc}") from None
-        with _progress(8) as step:
+        with _progress() as step:
             step(f"loading {model}")
             net, x, source = _load(model, trust, weights, input_shape, kwargs)
             calib = _calibration(data, x, batch_size, calib_batches)
@@ -371,7 +370,7 @@ def sensitivity(
         resolved = [p.absolute() for p, _ in outputs]
         if len(set(resolved)) != len(resolved):
             raise SurgeryError("--out, --csv and --emit-layer-ratios must be different files")
-        with _progress(None) as step:
+        with _progress() as step:
             step(f"loading {model}")
             net, x, source = _load(model, trust, weights, input_shape, kwargs)
             calib = _calibration(data, x, batch_size, calib_batches)
