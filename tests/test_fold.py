@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import surgery
 from surgery.pipeline import run
 from surgery.plan import GroupPlan
 from surgery.rewrite import apply_to_graph
