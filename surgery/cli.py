@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
+import torch.fx
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -239,6 +240,7 @@ def prune(
     format: Annotated[str, typer.Option("--format", help="Checkpoint format: dense or csr.")] = "dense",
     plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
     plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
+    output: Annotated[str, typer.Option("--output", help="auto (the model's own class where its forward allows), module, or graph.")] = "auto",
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
@@ -277,7 +279,7 @@ def prune(
             net, x, source = _load(model, trust, weights, input_shape, kwargs)
             calib = _calibration(data, x, batch_size, calib_batches)
             result = run(net, saved.example_inputs() if saved else x, method, ratio, calib, plan=saved, measure=True,
-                         progress=step, **options)
+                         output=output, progress=step, **options)
             p, pruned, before, after = result.plan, result.model, result.before, result.after
             meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
                     "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
@@ -285,7 +287,7 @@ def prune(
             existed = out is not None and out.exists()
             step(f"writing {out}" if out is not None else "done")
             if out is not None:
-                checkpoint.save(pruned, out, format=format, metadata=meta)
+                checkpoint.save(pruned, out, format=format, metadata=meta, example_inputs=p.example_inputs())
         if plan_out is not None:
             try:
                 checkpoint.atomic_write(plan_out, p.to_json(indent=1))
@@ -294,6 +296,8 @@ def prune(
                     out.unlink(missing_ok=True)  # all outputs or none
                 raise
         _print_prune(source, p, before, after, out, plan_out)
+        why = getattr(pruned, "meta", {}).get("surgery_output", {}).get("reason") if isinstance(pruned, torch.fx.GraphModule) else None
+        _out.print(f"result: a GraphModule ({escape(why)})" if why else f"result: {escape(type(pruned).__name__)}")
 
     _run(debug, work)
 

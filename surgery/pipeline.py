@@ -17,7 +17,7 @@ from .dependency_graph.tracing import normalize_inputs
 from .errors import PlanError
 from .plan import Plan, check_ratio
 from .planner import leaf_names, plan_from_graph, split_options
-from .rewrite import MODES, apply_to_graph
+from .rewrite import MODES, OUTPUTS, apply_to_graph
 from .stats import ModelStats, stats
 
 __all__ = ["Result", "run", "plan", "prune"]
@@ -39,10 +39,12 @@ def _noop(_: str) -> None:
 
 
 def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *, plan: Plan | None = None,
-        mode: str | None = "prune", loss: Callable | None = None, measure: bool = False,
+        mode: str | None = "prune", output: str = "auto", loss: Callable | None = None, measure: bool = False,
         progress: Callable[[str], None] | None = None, **options) -> Result:
     """Trace ``model`` once, plan with ``method`` (or replay ``plan``) and apply it.
 
+    ``output``: ``"auto"`` (the user's own class where its forward allows, else a ``GraphModule``
+    with the reason in ``meta["surgery_output"]``), ``"module"`` or ``"graph"``.
     ``measure=True`` also counts params and MACs before and after. ``progress(text)`` is called at
     each step. ``mode=None`` stops after planning (``Result.model`` is then ``None``). ``model`` is
     never modified.
@@ -50,6 +52,8 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     step = progress or _noop
     if mode is not None and mode not in MODES:
         raise PlanError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
+    if output not in OUTPUTS:
+        raise PlanError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
     inputs = normalize_inputs(example_inputs)
     if plan is None:
         check_ratio(ratio)
@@ -84,7 +88,8 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     if mode is None:
         return Result(graph, plan, None, before)
     step("rebuilding the smaller model" if mode == "prune" else "masking the removed channels")
-    out = applied["model"] if mode == "prune" and applied.get("plan") is plan else apply_to_graph(graph, plan, mode)
+    reuse = applied["model"] if mode == "prune" and applied.get("plan") is plan else None
+    out = apply_to_graph(graph, plan, mode, output, model, graph_result=reuse)
     after = None
     if measure:
         step("counting params and MACs")
@@ -116,7 +121,7 @@ def plan(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.
 
 
 def prune(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *, mode: str = "prune",
-          loss: Callable | None = None, **options) -> nn.Module:
+          output: str = "auto", loss: Callable | None = None, **options) -> nn.Module:
     """Plan with ``method`` at ``ratio`` and return the pruned model (``model`` is not modified).
 
     Examples
@@ -124,7 +129,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0
     >>> import torch, surgery
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     >>> small = surgery.prune(net, torch.randn(1, 3, 16, 16), method="l1", ratio=0.5)
-    >>> small(torch.randn(1, 3, 16, 16)).shape, net[0].out_channels
-    (torch.Size([1, 4, 12, 12]), 8)
+    >>> small(torch.randn(1, 3, 16, 16)).shape, net[0].out_channels, type(small).__name__, small[0]
+    (torch.Size([1, 4, 12, 12]), 8, 'Sequential', Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1)))
     """
-    return run(model, example_inputs, method, ratio, data, mode=mode, loss=loss, **options).model
+    return run(model, example_inputs, method, ratio, data, mode=mode, output=output, loss=loss, **options).model

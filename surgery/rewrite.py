@@ -9,12 +9,14 @@ graph is linted, recompiled and shape-checked on meta tensors. The user's model 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
 import torch.fx
 from torch import nn
 
+from . import module_tree
 from .dependency_graph import DependencyGraph
 from .dependency_graph import trace as trace_graph
 from .dependency_graph.context import RewriteCtx
@@ -23,9 +25,10 @@ from .dependency_graph.tracing import propagate
 from .errors import RewriteError, TraceError
 from .plan import Plan
 
-__all__ = ["apply", "apply_to_graph", "MODES"]
+__all__ = ["apply", "apply_to_graph", "MODES", "OUTPUTS"]
 
 MODES = ("prune", "mask")
+OUTPUTS = ("auto", "module", "graph")
 
 
 def _owner(gm: nn.Module, owner: str) -> nn.Module:
@@ -149,20 +152,12 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np
             raise RewriteError(f"cannot rewrite {old.format_node()}: {exc}".splitlines()[0]) from exc
 
 
-def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> torch.fx.GraphModule:
-    """Apply ``plan`` to the model traced in ``graph``; returns a new ``GraphModule``."""
-    if mode not in MODES:
-        raise RewriteError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
-    plan.check_fits(graph)
-    removed = graph.removed_components(plan.removed_units())
-    per_tensor = _kept_dims(graph, removed)
-    folded = _folded(graph, plan)
+def _graph_result(graph: DependencyGraph, plan: Plan, mode: str, removed, per_tensor, folded) -> torch.fx.GraphModule:
     if mode == "mask":
         gm = copy.deepcopy(graph.gm)
         _zero_removed(gm, per_tensor, folded)
     else:
         gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor, folded))
-    if mode == "prune":
         _rewrite_nodes(gm, graph, removed, {owner for owner, _ in per_tensor})
         gm.graph.lint()
         gm.recompile()
@@ -174,14 +169,56 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune") -> t
     return gm
 
 
-def apply(model: nn.Module, plan: Plan, mode: str = "prune") -> torch.fx.GraphModule:
+def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", output: str = "graph",
+                   model: nn.Module | None = None, graph_result: torch.fx.GraphModule | None = None) -> nn.Module:
+    """Apply ``plan`` to the model traced in ``graph``.
+
+    ``output="graph"`` returns a ``GraphModule``; ``"module"`` a copy of ``model`` (the user's own
+    class; for the fx front end ``graph.root`` is that model) with the new widths, or a
+    :class:`RewriteError` saying why it cannot be; ``"auto"`` the module when it computes what the
+    graph result computes, else the ``GraphModule`` with the reason in ``meta["surgery_output"]``
+    (and a warning). ``graph_result`` is a ``GraphModule`` already made for this plan and mode.
+    """
+    if mode not in MODES:
+        raise RewriteError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
+    if output not in OUTPUTS:
+        raise RewriteError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
+    plan.check_fits(graph)
+    removed = graph.removed_components(plan.removed_units())
+    per_tensor = _kept_dims(graph, removed)
+    folded = _folded(graph, plan)
+    if model is None and graph.frontend == "fx":
+        model = graph.root
+    if output != "graph" and model is not None and mode == "mask":
+        out = copy.deepcopy(model)
+        _zero_removed(out, per_tensor, folded)
+        return out
+    gm = graph_result if graph_result is not None else _graph_result(graph, plan, mode, removed, per_tensor, folded)
+    if output == "graph":
+        return gm
+    why = "the model the graph was traced from is not available"
+    if model is not None:
+        candidate, why = module_tree.build(model, graph, removed, per_tensor, folded, _sliced_copies)
+        if candidate is not None:
+            why = module_tree.check(candidate, gm, graph.example_inputs)
+            if not why:
+                return candidate
+    if output == "module":
+        raise RewriteError(f"cannot return the model's own class: {why}")
+    warnings.warn(f"surgery returns a GraphModule: {why}", stacklevel=2)
+    gm.meta["surgery_output"] = {"output": "graph", "reason": why}
+    return gm
+
+
+def apply(model: nn.Module, plan: Plan, mode: str = "prune", output: str = "auto") -> nn.Module:
     """Return a new module with ``plan`` applied; ``model`` is left untouched.
 
     ``mode="prune"`` rebuilds layers with fewer channels; ``mode="mask"`` keeps every shape and zeroes
     each parameter slice of the removed channels. For groups without a cross-channel statistic both
-    give the same outputs.
+    give the same outputs. ``output``: ``"auto"`` (the model's own class where its forward allows,
+    else a ``GraphModule``, saying why), ``"module"`` or ``"graph"``.
     """
     if mode not in MODES:
         raise RewriteError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
     graph = trace_graph(model, plan.example_inputs(), plan.leaf_modules)
-    return apply_to_graph(graph, plan, mode)
+    return apply_to_graph(graph, plan, mode, output, model)

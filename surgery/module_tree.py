@@ -1,0 +1,166 @@
+"""The pruned model as the user's own object: a deep copy of their model whose modules have the new
+widths, instead of a ``GraphModule``.
+
+The copy is made with every tensor that loses entries already sliced (and folded), then each changed
+module's size attributes are set: by its op rule's ``fix`` (``in_channels``, ``num_features``,
+``num_heads``, ...) for the ``torch.fx`` front end, by a refresh from the parameters' shapes for
+``torch.nn`` layers under the ``torch.export`` front end. The graph stays the analysis; the product is
+``type(model)`` with its attributes, methods and training flags.
+
+The user's ``forward`` may hold a width as a literal that no module attribute explains
+(``x.view(-1, 512)``); then the copy cannot be right. ``check`` runs the copy and the rewritten
+``GraphModule`` on the example inputs and on a batch twice as large and compares them; any difference
+or error is returned as the reason the ``GraphModule`` is used instead.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .dependency_graph import DependencyGraph
+from .dependency_graph.context import RewriteCtx
+from .dependency_graph.rules import lookup
+from .dependency_graph.tracing import eval_mode
+
+__all__ = ["build", "check", "refresh_attributes"]
+
+
+def _owner(model: nn.Module, owner: str) -> nn.Module:
+    return model.get_submodule(owner) if owner else model
+
+
+def refresh_attributes(module: nn.Module) -> bool:
+    """Set a ``torch.nn`` layer's size attributes from its tensors' shapes; False for other types."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        old_in, old_groups = module.in_channels, module.groups
+        depthwise = old_groups > 1 and old_groups == old_in
+        if module.transposed:
+            out = w.shape[1] * old_groups if not depthwise else w.shape[1] * w.shape[0]
+            new_in = w.shape[0]
+        else:
+            out = w.shape[0]
+            new_in = w.shape[1] * old_groups if not depthwise else out // (module.out_channels // old_groups)
+        if depthwise:
+            module.groups = new_in
+        module.in_channels, module.out_channels = new_in, out
+        return True
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+        return True
+    if isinstance(module, (nn.modules.batchnorm._NormBase,)):
+        t = module.weight if module.weight is not None else module.running_mean
+        if t is None:
+            return False
+        module.num_features = t.shape[0]
+        return True
+    if isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+        return True
+    if isinstance(module, nn.GroupNorm) and module.weight is not None:
+        per_group = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        module.num_groups = module.num_channels // per_group
+        return True
+    if isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+        return True
+    if isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+        return True
+    return not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(recurse=False))
+
+
+def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, folded: dict,
+          sliced_copies) -> tuple[nn.Module | None, str]:
+    """``(pruned copy of model, "")`` or ``(None, why not)``; ``sliced_copies(model, per_tensor, folded)``
+    is the rewrite's deep-copy memo of the tensors that lose entries."""
+    tensors = {}
+    for owner, name in {**per_tensor, **folded}:
+        try:
+            tensors[(owner, name)] = getattr(_owner(model, owner), name)
+        except AttributeError:
+            return None, f"the traced graph names a tensor {owner}.{name} that the model does not have"
+        if not isinstance(tensors[(owner, name)], torch.Tensor):
+            return None, f"{owner}.{name} is not a tensor of the model"
+    out = copy.deepcopy(model, sliced_copies(model, per_tensor, folded))
+    owners = {owner for owner, _ in per_tensor} | {owner for owner, _ in folded}
+    if graph.frontend == "fx" and graph.root is model:
+        done: set[str] = set()
+        for node in graph.fx_graph.nodes:
+            if node.op != "call_module" or node.target in done or node.target not in owners:
+                continue
+            done.add(node.target)
+            rule = lookup(node, graph.root.get_submodule(node.target))
+            if rule is not None and rule.fix is not None:
+                try:
+                    rule.fix(out.get_submodule(node.target), RewriteCtx(graph, node, node, removed))
+                except Exception as exc:  # the graph result is still right: report and fall back
+                    return None, f"cannot set the widths of {node.target}: {exc}".splitlines()[0]
+        owners -= done
+    for owner in sorted(owners):
+        module = _owner(out, owner)
+        if not refresh_attributes(module):
+            return None, f"{owner or type(model).__name__} ({type(module).__name__}) holds widths surgery cannot update"
+    return out, ""
+
+
+def _flat(y) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in _flat(v)]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in _flat(v)]
+    return [t for v in getattr(y, "__dict__", {}).values() for t in _flat(v)] if hasattr(y, "__dataclass_fields__") else []
+
+
+def _probe(inputs: tuple, batch: int) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0:
+            shape = (x.shape[0] * batch, *x.shape[1:])
+            out.append(torch.randn(shape, generator=gen, dtype=x.dtype))
+        elif isinstance(x, torch.Tensor) and x.dim() > 0:
+            out.append(torch.cat([x] * batch))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def _run(model: nn.Module, inputs: tuple):
+    with torch.no_grad(), eval_mode(model):
+        return model(*inputs)
+
+
+def check(candidate: nn.Module, reference: nn.Module, inputs: tuple, tol: float = 1e-4) -> str:
+    """"" when ``candidate`` computes what ``reference`` computes on ``inputs`` and on a batch twice as
+    large (where the reference runs at all); else the first difference, as one line."""
+    for batch in (1, 2):
+        probe = _probe(inputs, batch)
+        try:
+            want = _flat(_run(reference, probe))
+        except Exception:
+            if batch == 1:
+                return ""  # nothing to compare against
+            continue  # the graph result is shape-locked; the module result is checked at batch 1
+        try:
+            got = _flat(_run(candidate, probe))
+        except Exception as exc:
+            return f"the model's own forward fails on the pruned widths ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        if len(got) != len(want):
+            return "the model's own forward returns a different number of tensors after pruning"
+        for a, b in zip(got, want):
+            if a.shape != b.shape:
+                return f"the model's own forward gives shape {tuple(a.shape)} where the pruned graph gives {tuple(b.shape)}"
+            if a.is_floating_point():
+                err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+                if err > tol:
+                    return f"the model's own forward differs from the pruned graph (rel err {err:.1e}): a width is held outside its modules"
+            elif not torch.equal(a, b):
+                return "the model's own forward differs from the pruned graph"
+    return ""
