@@ -103,7 +103,10 @@ def _run_method(model, graph, method: str, groups, data, opts: PlanOptions, meth
     if m.needs_data:
         if data is None:
             raise PlanError(f"method {method!r} needs calibration data (data=..., CLI --data)")
-        calibration = Calibration(data, max_batches=opts.calib_batches)
+        exact = None
+        if graph.frontend == "export" and graph.example_inputs and isinstance(graph.example_inputs[0], torch.Tensor):
+            exact = int(graph.example_inputs[0].shape[0]) if graph.example_inputs[0].dim() else None
+        calibration = Calibration(data, max_batches=opts.calib_batches, exact_batch=exact)
         if m.needs_labels and loss is None and not calibration.has_labels:
             raise PlanError(f"method {method!r} needs labels with the calibration data ((x, y) pairs) or loss=...")
     ctx = ScoreContext(model, graph, groups, calibration, loss, progress)

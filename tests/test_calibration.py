@@ -109,3 +109,12 @@ def test_recorder_streams_activations_and_gradients_without_touching_the_model()
     out = {}
     record(graph, Calibration(x[:4]), [relu], lambda a, g, l: out.update(a))
     assert torch.allclose(out[relu], ref)
+
+
+def test_exact_batches_for_a_shape_locked_graph():
+    x, y = torch.randn(10, 3), torch.arange(10)
+    cal = Calibration((x, y), batch_size=4, exact_batch=3)
+    got = [(xb[0].shape[0], yb.tolist()) for xb, yb in cal]
+    assert got == [(3, [0, 1, 2]), (3, [4, 5, 6])]  # 4 -> 3 (+1 dropped), 4 -> 3, 2 -> dropped
+    with pytest.raises(DataError, match="holds no batch"):
+        list(Calibration(x[:2], exact_batch=3))

@@ -69,3 +69,15 @@ def test_export_graph_prunes_exactly():
 def test_untraceable_by_both_front_ends_names_the_line():
     with pytest.raises(TraceError, match=r"test_export_frontend.py:\d+ `if x.sum\(\) > 0:`.*leaf"):
         surgery.trace(DataDependent(), torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("method", ["apoz", "taylor", "thinet"])
+def test_data_methods_on_the_export_front_end_take_any_batch_size(method):
+    """The export graph is fixed to the example's batch (1 here); calibration batches of 8 are re-cut."""
+    from helpers import check_pruned_equals_masked
+
+    model, x = ShapeBranch().eval(), torch.randn(1, 3, 8, 8)
+    data = (torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,)))
+    loss = (lambda out, y: out.float().mean(dim=tuple(range(1, out.dim()))).sum()) if method == "taylor" else None
+    plan, _, _ = check_pruned_equals_masked(model, x, method, 0.5, data=data, loss=loss, output="graph")
+    assert plan.groups and surgery.trace(model, x).frontend == "export"

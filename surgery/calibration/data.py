@@ -46,11 +46,14 @@ def _is_labels(y) -> bool:
 class Calibration:
     """Re-iterable calibration batches ``((inputs...), labels or None)``, at most ``max_batches``."""
 
-    def __init__(self, data, *, max_batches: int | None = None, batch_size: int | None = None):
+    def __init__(self, data, *, max_batches: int | None = None, batch_size: int | None = None,
+                 exact_batch: int | None = None):
         if isinstance(data, Calibration):
             batch_size = batch_size or data.batch_size
             max_batches = max_batches or data.max_batches
+            exact_batch = exact_batch or data.exact_batch
             data = data.data
+        self.exact_batch = exact_batch
         batch_size = 32 if batch_size is None else batch_size
         if data is None:
             raise DataError("no calibration data given")
@@ -81,8 +84,18 @@ class Calibration:
         for item in d:
             yield _as_batch(item)
 
+    def _exact(self, it: Iterator[Batch]) -> Iterator[Batch]:
+        """Re-cut batches into pieces of exactly ``exact_batch`` samples (a graph traced by
+        ``torch.export`` is fixed to its example's batch size); a last, shorter piece is dropped."""
+        k = self.exact_batch
+        for inputs, labels in it:
+            for start in range(0, len(inputs[0]) - k + 1, k):
+                yield tuple(x[start : start + k] for x in inputs), None if labels is None else labels[start : start + k]
+
     def __iter__(self) -> Iterator[Batch]:
         it = self._raw()
+        if self.exact_batch:
+            it = self._exact(it)
         if self.max_batches is not None:
             it = itertools.islice(it, self.max_batches)
         n = 0
