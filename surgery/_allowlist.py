@@ -40,6 +40,10 @@ MODULE_PREFIXES = ("torch.nn.", "torchvision.ops.")
 #: GraphModule pickles carry Python source that is exec'd on load).
 PICKLE_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.", "surgery.")
 _PICKLE_EXTRA = {"functools.partial"}
+#: Besides modules, torchvision's detectors hold plain helper objects (box coders, matchers, level
+#: mappers) and box-arithmetic functions; classes defined in these packages, and the public functions
+#: of ``torchvision.ops.boxes``, may be named by a pickle without trust.
+_PLAIN_CLASS_PACKAGES = ("torchvision.models.detection.", "torchvision.ops.")
 
 _BUILTINS = {"getattr", "len", "abs", "min", "max", "int", "float", "bool", "round"}
 _OPERATOR_DENY = {"attrgetter", "methodcaller", "call"}
@@ -85,6 +89,14 @@ def resolve_pickle_global(name: str):
     if name in _PICKLE_EXTRA:
         modname, _, attr = name.rpartition(".")
         return getattr(importlib.import_module(modname), attr)
+    modname, _, attr = name.rpartition(".")
+    if modname.startswith(_PLAIN_CLASS_PACKAGES) and not attr.startswith("_"):
+        mod = _import_allowed(modname, _PLAIN_CLASS_PACKAGES)
+        obj = getattr(mod, attr, None) if mod is not None else None
+        if isinstance(obj, type) and obj.__module__ == modname and not issubclass(obj, torch.fx.GraphModule):
+            return obj
+        if modname == "torchvision.ops.boxes" and callable(obj) and getattr(obj, "__module__", "") == modname:
+            return obj
     return resolve_module_class(name, PICKLE_PREFIXES)
 
 

@@ -241,6 +241,7 @@ def prune(
     plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
     plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
     output: Annotated[str, typer.Option("--output", help="auto (the model's own class where its forward allows), module, or graph.")] = "auto",
+    submodule: Annotated[Optional[str], typer.Option("--submodule", help="Prune only this submodule (e.g. backbone); the whole model is returned.")] = None,
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
@@ -260,6 +261,8 @@ def prune(
                 options["target_macs"] = target_macs
             if calib_batches is not None:
                 options["calib_batches"] = calib_batches
+            if submodule:
+                options["submodule"] = submodule
             from surgery.plan import check_ratio
 
             check_ratio(ratio)
@@ -287,7 +290,7 @@ def prune(
             existed = out is not None and out.exists()
             step(f"writing {out}" if out is not None else "done")
             if out is not None:
-                checkpoint.save(pruned, out, format=format, metadata=meta, example_inputs=p.example_inputs())
+                _save_result(pruned, out, format, meta, p.example_inputs())
         if plan_out is not None:
             try:
                 checkpoint.atomic_write(plan_out, p.to_json(indent=1))
@@ -300,6 +303,21 @@ def prune(
         _out.print(f"result: a GraphModule ({escape(why)})" if why else f"result: {escape(type(pruned).__name__)}")
 
     _run(debug, work)
+
+
+def _save_result(model, out: Path, format: str, meta: dict, example_inputs) -> None:
+    """A surgery checkpoint; a model that cannot be traced as a whole (a detector around a pruned
+    backbone) is written as a whole-module pickle instead, which ``surgery`` loads back through its
+    allow-list (its classes come from torch / torchvision)."""
+    from surgery.errors import TraceError
+
+    try:
+        checkpoint.save(model, out, format=format, metadata=meta, example_inputs=example_inputs)
+    except TraceError:
+        if isinstance(model, torch.fx.GraphModule) or format != "dense":
+            raise
+        checkpoint.atomic_write(out, lambda tmp: torch.save(model, tmp))
+        _out.print("the whole model cannot be traced: written as a whole-module pickle (torch.save)")
 
 
 def _print_prune(source, p, before, after, out, plan_out) -> None:

@@ -92,7 +92,12 @@ def _load_torchvision(name: str, kwargs: dict):
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
     try:
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        import inspect
+
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:  # detectors/segmenters: no download
+            kwargs = {"weights_backbone": None, **kwargs}
+        model = builder(weights=None, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot build torchvision:{name}: {_one_line(exc)}") from None
     return model, _torchvision_shape(name)

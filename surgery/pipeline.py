@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,6 +51,10 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     never modified.
     """
     step = progress or _noop
+    sub = options.pop("submodule", "") or (plan.options.get("submodule", "") if plan is not None else "")
+    if sub:
+        return _run_submodule(model, example_inputs, sub, method, ratio, data, plan=plan, mode=mode, output=output,
+                              loss=loss, measure=measure, progress=progress, **options)
     if mode is not None and mode not in MODES:
         raise PlanError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
     if output not in OUTPUTS:
@@ -95,6 +100,40 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
         step("counting params and MACs")
         after = stats(out, inputs)
     return Result(graph, plan, out, before, after)
+
+
+def _run_submodule(model, example_inputs, name, method, ratio, data, *, plan, mode, output, loss, measure, progress,
+                   **options) -> Result:
+    """Prune submodule ``name`` alone on the inputs it really receives; return the whole model."""
+    from . import submodule
+    from .methods import get_method
+
+    if not isinstance(name, str):
+        raise PlanError(f"submodule must be a qualified module name, got {name!r}")
+    inputs = normalize_inputs(example_inputs)
+    part = submodule.get(model, name)
+    if plan is None:
+        check_ratio(ratio)
+        split_options(method, {**options, "submodule": name})
+        if get_method(method).needs_labels and loss is None:
+            raise PlanError(f"method {method!r} needs labels, which belong to the whole model's output; "
+                            f"with submodule= use a method that needs none, or pass loss=")
+    (progress or _noop)(f"finding the inputs of {name}")
+    sub_inputs = submodule.capture_inputs(model, inputs, name)
+    sub_data = None
+    if data is not None:  # bounded by calib_batches: each batch is mapped through the whole model once
+        sub_data = [(x, None) for x in submodule.sub_batches(model, name, data, options.get("calib_batches"))]
+    if plan is not None:
+        plan = dataclasses.replace(plan, options={k: v for k, v in plan.options.items() if k != "submodule"})
+    res = run(part, sub_inputs, method, ratio, sub_data, plan=plan, mode=mode, output=output, loss=loss,
+              progress=progress, **options)
+    recorded = dataclasses.replace(res.plan, options={**res.plan.options, "submodule": name})
+    if res.model is None:
+        return Result(res.graph, recorded, None)
+    whole = submodule.replaced(model, name, res.model)
+    before = stats(model, inputs) if measure else None
+    after = stats(whole, inputs) if measure else None
+    return Result(res.graph, recorded, whole, before, after)
 
 
 def plan(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *,

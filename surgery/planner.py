@@ -40,6 +40,7 @@ class PlanOptions:
     round_to: int = 1
     target_macs: float | None = None
     calib_batches: int | None = None
+    submodule: str = ""  # prune only this submodule (its real inputs are captured from the whole model)
 
     def check(self) -> "PlanOptions":
         if self.policy is not None and self.policy not in policies.POLICIES:
@@ -55,6 +56,8 @@ class PlanOptions:
         t = self.target_macs
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
             raise PlanError(f"target_macs is the fraction of MACs to keep, in (0, 1], got {t!r}")
+        if not isinstance(self.submodule, str):
+            raise PlanError(f"submodule must be a qualified module name, got {self.submodule!r}")
         c = self.calib_batches
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise PlanError(f"calib_batches must be a positive integer, got {c!r}")

@@ -220,5 +220,12 @@ def apply(model: nn.Module, plan: Plan, mode: str = "prune", output: str = "auto
     """
     if mode not in MODES:
         raise RewriteError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
+    name = plan.options.get("submodule", "")
+    if name:  # a plan made for one submodule: apply it there, return the whole model
+        from . import submodule
+
+        part = submodule.get(model, name)
+        graph = trace_graph(part, plan.example_inputs(), plan.leaf_modules)
+        return submodule.replaced(model, name, apply_to_graph(graph, plan, mode, output, part))
     graph = trace_graph(model, plan.example_inputs(), plan.leaf_modules)
     return apply_to_graph(graph, plan, mode, output, model)

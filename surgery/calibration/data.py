@@ -131,6 +131,10 @@ class Calibration:
 def _as_batch(item) -> Batch:
     if isinstance(item, torch.Tensor):
         return (item,), None
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list)) \
+            and item[0] and all(isinstance(t, torch.Tensor) for t in item[0]):
+        if item[1] is None or isinstance(item[1], torch.Tensor):
+            return tuple(item[0]), item[1]  # ((x1, x2, ...), y): a model with several inputs
     if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
         y = item[1]
         if y is None or _is_labels(y):
