@@ -4,8 +4,9 @@ widths, instead of a ``GraphModule``.
 The copy is made with every tensor that loses entries already sliced (and folded), then each changed
 module's size attributes are set: by its op rule's ``fix`` (``in_channels``, ``num_features``,
 ``num_heads``, ...) for the ``torch.fx`` front end, by a refresh from the parameters' shapes for
-``torch.nn`` layers under the ``torch.export`` front end. The graph stays the analysis; the product is
-``type(model)`` with its attributes, methods and training flags.
+``torch.nn`` layers under the ``torch.export`` front end. Other modules whose tensors shrank (a class
+token, a relative-position table) keep their attributes. The graph stays the analysis; the product
+is ``type(model)`` with its attributes, methods and training flags.
 
 The user's ``forward`` may hold a width as a literal that no module attribute explains
 (``x.view(-1, 512)``); then the copy cannot be right. ``check`` runs the copy and the rewritten
@@ -33,7 +34,8 @@ def _owner(model: nn.Module, owner: str) -> nn.Module:
 
 
 def refresh_attributes(module: nn.Module) -> bool:
-    """Set a ``torch.nn`` layer's size attributes from its tensors' shapes; False for other types."""
+    """Set a ``torch.nn`` layer's size attributes from its tensors' shapes; False for other types
+    (left as they are)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         w = module.weight
         old_in, old_groups = module.in_channels, module.groups
@@ -71,7 +73,7 @@ def refresh_attributes(module: nn.Module) -> bool:
     if isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
         return True
-    return not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(recurse=False))
+    return False
 
 
 def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, folded: dict,
@@ -102,9 +104,9 @@ def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, f
                     return None, f"cannot set the widths of {node.target}: {exc}".splitlines()[0]
         owners -= done
     for owner in sorted(owners):
-        module = _owner(out, owner)
-        if not refresh_attributes(module):
-            return None, f"{owner or type(model).__name__} ({type(module).__name__}) holds widths surgery cannot update"
+        # torch.nn layers get their size attributes from their tensors; any other module keeps its
+        # attributes, and ``check`` decides whether its forward still agrees with the pruned graph
+        refresh_attributes(_owner(out, owner))
     return out, ""
 
 
