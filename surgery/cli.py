@@ -242,6 +242,7 @@ def prune(
     plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
     output: Annotated[str, typer.Option("--output", help="auto (the model's own class where its forward allows), module, or graph.")] = "auto",
     submodule: Annotated[Optional[str], typer.Option("--submodule", help="Prune only this submodule (e.g. backbone); the whole model is returned.")] = None,
+    free_output: Annotated[Optional[list[str]], typer.Option("--free-output", help="Model outputs (module-name patterns) whose channels may shrink (repeatable).")] = None,
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
@@ -263,6 +264,8 @@ def prune(
                 options["calib_batches"] = calib_batches
             if submodule:
                 options["submodule"] = submodule
+            if free_output:
+                options["free_outputs"] = tuple(free_output)
             from surgery.plan import check_ratio
 
             check_ratio(ratio)

@@ -73,7 +73,8 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
         step("counting params and MACs")
         before = stats(model, inputs)
     step("tracing the dependency graph")
-    graph = trace_graph(model, inputs, leaves)
+    free = options.get("free_outputs", ()) if plan is None else plan.options.get("free_outputs", ())
+    graph = trace_graph(model, inputs, leaves, (free,) if isinstance(free, str) else tuple(free or ()))
     applied: dict[str, object] = {}
 
     def verify(p: Plan):

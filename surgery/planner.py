@@ -41,6 +41,7 @@ class PlanOptions:
     target_macs: float | None = None
     calib_batches: int | None = None
     submodule: str = ""  # prune only this submodule (its real inputs are captured from the whole model)
+    free_outputs: tuple = ()  # patterns of model outputs whose channels may shrink
 
     def check(self) -> "PlanOptions":
         if self.policy is not None and self.policy not in policies.POLICIES:
@@ -56,6 +57,8 @@ class PlanOptions:
         t = self.target_macs
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
             raise PlanError(f"target_macs is the fraction of MACs to keep, in (0, 1], got {t!r}")
+        if not all(isinstance(p, str) for p in self.free_outputs):
+            raise PlanError(f"free_outputs must be module-name patterns, got {self.free_outputs!r}")
         if not isinstance(self.submodule, str):
             raise PlanError(f"submodule must be a qualified module name, got {self.submodule!r}")
         c = self.calib_batches
@@ -91,8 +94,10 @@ def split_options(method: str, options: dict) -> tuple[PlanOptions, dict]:
             raise PlanError(unknown_name("option", name, (*_PLAN_OPTIONS, *known_method), f"method {method!r}"))
     if "layer_ratios" in plan_kw and plan_kw["layer_ratios"] is None:
         plan_kw["layer_ratios"] = {}
-    if "leaf_modules" in plan_kw:
-        plan_kw["leaf_modules"] = tuple(plan_kw["leaf_modules"] or ())
+    for key in ("leaf_modules", "free_outputs"):
+        if key in plan_kw:
+            value = plan_kw[key] or ()
+            plan_kw[key] = (value,) if isinstance(value, str) else tuple(value)
     try:
         resolved = m.resolve(rest)
     except MethodError as exc:
@@ -156,6 +161,7 @@ def _build(graph, method: str, ratio: float, policy: str, opts: PlanOptions, met
         plans.append(GroupPlan(g.id, g.size, keep, g.label, GroupPlan.sparse(fold) if fold is not None else ()))
     recorded = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
     recorded["leaf_modules"] = list(leaves)
+    recorded["free_outputs"] = list(opts.free_outputs)
     recorded = {k: v for k, v in recorded.items() if v != getattr(PlanOptions(), k) or k == "policy"}
     recorded["policy"] = policy
     inputs = graph.example_inputs

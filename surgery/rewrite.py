@@ -225,7 +225,7 @@ def apply(model: nn.Module, plan: Plan, mode: str = "prune", output: str = "auto
         from . import submodule
 
         part = submodule.get(model, name)
-        graph = trace_graph(part, plan.example_inputs(), plan.leaf_modules)
+        graph = trace_graph(part, plan.example_inputs(), plan.leaf_modules, plan.options.get("free_outputs", ()))
         return submodule.replaced(model, name, apply_to_graph(graph, plan, mode, output, part))
-    graph = trace_graph(model, plan.example_inputs(), plan.leaf_modules)
+    graph = trace_graph(model, plan.example_inputs(), plan.leaf_modules, plan.options.get("free_outputs", ()))
     return apply_to_graph(graph, plan, mode, output, model)

@@ -7,6 +7,8 @@ leaves unexplained is stopped, and so is everything a rule touched when it raise
 
 from __future__ import annotations
 
+import fnmatch
+
 import operator
 
 import torch
@@ -53,6 +55,13 @@ def _owner_and_name(target: str) -> tuple[str, str]:
     return owner, name
 
 
+def _free_output(table: SpaceTable, node: torch.fx.Node) -> bool:
+    """Whether the output ``node`` matches a ``free_outputs`` pattern (its module's name or its node
+    name): its channels may shrink instead of being held by the model's output."""
+    names = [node.name] + ([node.target] if node.op == "call_module" else [])
+    return any(fnmatch.fnmatchcase(n, pattern) for pattern in table.free_outputs for n in names)
+
+
 def couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
     _register_outputs(table, node)
     if node.op == "placeholder":
@@ -61,6 +70,8 @@ def couple_node(table: SpaceTable, gm: nn.Module, node: torch.fx.Node) -> None:
         return
     if node.op == "output":
         for arg in _input_nodes(node):
+            if _free_output(table, arg):
+                continue
             for sid in _slot_spaces(table, arg):
                 table.stop(sid, Reason.MODEL_OUTPUT, arg.name)
         return

@@ -281,15 +281,20 @@ class DependencyGraph:
         return f"DependencyGraph({len(self.table.spaces)} spaces, {len(self.groups)} groups, {n_pr} prunable)"
 
 
-def build_graph(traced: Traced, example_inputs=()) -> DependencyGraph:
-    """Dependency graph of a traced model whose nodes carry ``meta['val']``."""
+def build_graph(traced: Traced, example_inputs=(), free_outputs=()) -> DependencyGraph:
+    """Dependency graph of a traced model whose nodes carry ``meta['val']``.
+
+    ``free_outputs``: fnmatch patterns over the modules (or fx node names) that produce model
+    outputs whose channels may shrink (their consumer outside the model is pruned or retrained too).
+    """
     table = SpaceTable()
+    table.free_outputs = tuple(free_outputs)
     for node in traced.graph.nodes:
         couple_node(table, traced.root, node)
     return DependencyGraph(traced, table, normalize_inputs(example_inputs) if example_inputs != () else ())
 
 
-def trace(model: nn.Module, example_inputs, leaf_modules=()) -> DependencyGraph:
+def trace(model: nn.Module, example_inputs, leaf_modules=(), free_outputs=()) -> DependencyGraph:
     """Trace ``model`` and build its channel-dependency graph.
 
     Examples
@@ -302,7 +307,7 @@ def trace(model: nn.Module, example_inputs, leaf_modules=()) -> DependencyGraph:
     """
     inputs = normalize_inputs(example_inputs)
     with _gc_paused():
-        return build_graph(trace_graph(model, inputs, leaf_modules), inputs)
+        return build_graph(trace_graph(model, inputs, leaf_modules), inputs, free_outputs)
 
 
 @contextlib.contextmanager

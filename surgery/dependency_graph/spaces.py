@@ -54,6 +54,8 @@ class SpaceTable:
         self.stops: dict[int, tuple[Reason, str]] = {}
         self.cross: dict[int, str] = {}
         self.touched: set[int] = set()
+        #: fnmatch patterns of model outputs whose channels may shrink (``trace(free_outputs=...)``)
+        self.free_outputs: tuple[str, ...] = ()
         self.fed: list[bool] = []
         #: node name -> the space an int was read from (``x.size(1)``), or one entry per int of a
         #: size tuple: a space id or a ``rules.sizes.Literal`` (a constant in some node's arguments)
