@@ -24,7 +24,10 @@ the two greedies disagree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import os
 import platform
 import sys
 import time
@@ -98,7 +101,22 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
+    ap.add_argument("--readme", action="store_true", help="also write the tables into README.md")
     args = ap.parse_args(argv)
+    if args.readme:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = _run(args)
+        print(buf.getvalue(), end="")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from readme_section import replace_section
+
+        replace_section("thinet-bench", buf.getvalue())
+        return code
+    return _run(args)
+
+
+def _run(args) -> int:
     torch.set_num_threads(args.threads)
     models = args.models or (["resnet18"] if args.quick else ["resnet18", "resnet50"])
     n = args.images or (64 if args.quick else 256)
