@@ -1,0 +1,5 @@
+"""``python -m surgery.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,137 @@
+"""surgery prune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import torch.fx
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .. import checkpoint
+from ..errors import SurgeryError
+from ._common import (
+    BatchSize, CalibBatches, Data, Debug, InputShape, Kwargs, Leaf, MethodOpt, ModelArg, Trust, Weights,
+    _calibration, _check_output, _fmt, _layer_ratios, _load, _method_options, _out, _progress, _run, app,
+)
+
+
+@app.command()
+def prune(
+    model: ModelArg,
+    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method (see `surgery methods`).")] = "l1",
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of channels removed per group, in [0, 1).")] = 0.5,
+    global_: Annotated[bool, typer.Option("--global", help="Rank channels across all groups.")] = False,
+    layer_ratio: Annotated[Optional[list[str]], typer.Option("--layer-ratio", help="NAME=R ratio for modules matching a pattern (repeatable); @FILE reads NAME=R lines.")] = None,
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of the MACs (bisection over the global ranking).")] = None,
+    round_to: Annotated[int, typer.Option("--round-to", help="Keep a multiple of N channels in every group of at least N.")] = 1,
+    option: MethodOpt = None, data: Data = None, calib_batches: CalibBatches = None, batch_size: BatchSize = 32,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned model here.")] = None,
+    format: Annotated[str, typer.Option("--format", help="Checkpoint format: dense or csr.")] = "dense",
+    plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
+    plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
+    output: Annotated[str, typer.Option("--output", help="auto (the model's own class where its forward allows), module, or graph.")] = "auto",
+    submodule: Annotated[Optional[str], typer.Option("--submodule", help="Prune only this submodule (e.g. backbone); the whole model is returned.")] = None,
+    free_output: Annotated[Optional[list[str]], typer.Option("--free-output", help="Model outputs (module-name patterns) whose channels may shrink (repeatable).")] = None,
+    input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
+) -> None:
+    """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
+
+    def work():
+        from surgery.pipeline import run
+        from surgery.plan import Plan
+        from surgery.planner import split_options
+
+        options = {}
+        if plan_in is None:
+            options = dict(_method_options(option), leaf_modules=tuple(leaf or ()), round_to=round_to,
+                           layer_ratios=_layer_ratios(layer_ratio))
+            if global_:
+                options["policy"] = "global"
+            if target_macs is not None:
+                options["target_macs"] = target_macs
+            if calib_batches is not None:
+                options["calib_batches"] = calib_batches
+            if submodule:
+                options["submodule"] = submodule
+            if free_output:
+                options["free_outputs"] = tuple(free_output)
+            from surgery.plan import check_ratio
+
+            check_ratio(ratio)
+            split_options(method, options)
+        if format not in checkpoint.FORMATS:
+            raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(checkpoint.FORMATS)}")
+        _check_output(out, model, "output")
+        _check_output(plan_out, model, "plan")
+        saved = None
+        if plan_in is not None:
+            try:
+                saved = Plan.from_json(plan_in.read_text())
+            except OSError as exc:
+                raise SurgeryError(f"cannot read plan {plan_in}: {exc.strerror or exc}") from None
+        with _progress() as step:
+            step(f"loading {model}")
+            net, x, source = _load(model, trust, weights, input_shape, kwargs)
+            calib = _calibration(data, x, batch_size, calib_batches)
+            result = run(net, saved.example_inputs() if saved else x, method, ratio, calib, plan=saved, measure=True,
+                         output=output, progress=step, **options)
+            p, pruned, before, after = result.plan, result.model, result.before, result.after
+            meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
+                    "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
+                    "stats": {"before": before.as_dict(), "after": after.as_dict()}}
+            existed = out is not None and out.exists()
+            step(f"writing {out}" if out is not None else "done")
+            if out is not None:
+                _save_result(pruned, out, format, meta, p.example_inputs())
+        if plan_out is not None:
+            try:
+                checkpoint.atomic_write(plan_out, p.to_json(indent=1))
+            except BaseException:
+                if out is not None and not existed:
+                    out.unlink(missing_ok=True)  # all outputs or none
+                raise
+        _print_prune(source, p, before, after, out, plan_out)
+        why = getattr(pruned, "meta", {}).get("surgery_output", {}).get("reason") if isinstance(pruned, torch.fx.GraphModule) else None
+        _out.print(f"result: a GraphModule ({escape(why)})" if why else f"result: {escape(type(pruned).__name__)}")
+
+    _run(debug, work)
+
+
+def _save_result(model, out: Path, format: str, meta: dict, example_inputs) -> None:
+    """A surgery checkpoint; a model that cannot be traced as a whole (a detector around a pruned
+    backbone) is written as a whole-module pickle instead, which ``surgery`` loads back through its
+    allow-list (its classes come from torch / torchvision)."""
+    from surgery.errors import TraceError
+
+    try:
+        checkpoint.save(model, out, format=format, metadata=meta, example_inputs=example_inputs)
+    except TraceError:
+        if isinstance(model, torch.fx.GraphModule) or format != "dense":
+            raise
+        checkpoint.atomic_write(out, lambda tmp: torch.save(model, tmp))
+        _out.print("the whole model cannot be traced: written as a whole-module pickle (torch.save)")
+
+
+def _print_prune(source, p, before, after, out, plan_out) -> None:
+    table = Table(title=f"{escape(source)}: {p.method}, ratio {p.ratio:g}, {p.policy}")
+    for col in ("", "before", "after", "kept"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, a, b in (("params", before.params, after.params), ("MACs", before.macs, after.macs)):
+        table.add_row(name, _fmt(a), _fmt(b), f"{100 * b / a:.1f}%" if a else "-")
+    _out.print(table)
+    groups = Table(title=f"{len(p.groups)} of {p.n_groups} groups pruned")
+    for col in ("group", "label", "channels", "kept"):
+        groups.add_column(col, justify="left" if col == "label" else "right")
+    for g in p.groups:
+        groups.add_row(str(g.id), escape(g.label), str(g.size), str(len(g.keep)))
+    _out.print(groups)
+    if p.notes:
+        first = next(iter(p.notes.values()))
+        _out.print(f"{len(p.notes)} prunable group(s) left whole by {escape(p.method)}, e.g.: {escape(first)}")
+    if plan_out is not None:
+        _out.print(f"plan written to {escape(str(plan_out))}")
+    _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
