@@ -63,9 +63,14 @@ def eval_mode(model: nn.Module):
 
 
 def _user_frame(exc: BaseException) -> str:
-    """'file:line `code`' of the innermost frame outside torch, where tracing broke."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    """'file:line `code`' of the innermost frame outside torch and surgery, where tracing broke.
+
+    Directories are matched with their trailing separator: torchvision's, torchaudio's (and the
+    user's) files are the user's code here, though their paths start with torch's directory name.
+    """
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # surgery/
+    own = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, package + os.sep)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(own)]
     if not frames:
         return ""
     f = frames[-1]
@@ -204,7 +209,7 @@ def _export_trace(model: nn.Module, inputs: tuple, fx_error: TraceError) -> Trac
         gm = program.module()
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"{fx_error} (torch.export fallback also failed: {first})") from exc
+        raise TraceError(f"both front ends failed. torch.fx: {fx_error}. torch.export: {first}{_user_frame(exc)}") from exc
     return Traced(gm, gm.graph, "export", type(model).__name__)
 
 

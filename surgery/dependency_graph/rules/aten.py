@@ -4,6 +4,9 @@ Rules read arguments by name (``arguments.py`` binds each aten overload to its s
 overloads reuse the torch-function rules, with a parameter renamed where the schema's name differs
 (``embedding(weight, indices)``); the few that differ in meaning (batch norm, slice, split) have small
 rules here.
+Every overload listed here reuses the rule of the torch function it comes from: upsampling and padding
+(``pooling.py``), transposed convs (``conv_transpose.py``), casts and dropouts (``elementwise.py``,
+``casts.py``), ``_weight_norm`` (``weight_norm.py``) and ``index.Tensor`` (``slicing.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..context import BuildCtx, RewriteCtx
-from . import conv, elementwise, linear, norm, pooling, reduce, shape, slicing
+from . import casts, conv, conv_transpose, elementwise, linear, norm, pooling, reduce, shape, slicing, weight_norm
 from ._registry import function_rule
 
 aten = torch.ops.aten
@@ -30,14 +33,21 @@ def _ops(*names: str):
 
 for _n, _name in ((1, "conv1d"), (2, "conv2d"), (3, "conv3d")):
     function_rule(*_ops(_name), rewrite=conv.rewrite_functional_conv)(conv.FUNCTIONAL_CONV[_n])
+for _n in (1, 2, 3):  # conv_transpose1d has only .default, 2d and 3d have .input
+    function_rule(*_ops(f"conv_transpose{_n}d", f"conv_transpose{_n}d.input"),
+                  rewrite=conv_transpose.rewrite_functional_conv_transpose)(conv_transpose.FUNCTIONAL_CONV_TRANSPOSE[_n])
+function_rule(*_ops("_weight_norm"), aliases={"dim": "except_dim"})(weight_norm.weight_norm)  # dim -1: no dim
 function_rule(*_ops("linear"))(linear.functional_linear)
 function_rule(*_ops("embedding"), aliases={"indices": "input"})(linear.functional_embedding)  # (weight, indices)
 
 function_rule(*_ops(
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_", "hardsigmoid",
     "hardtanh", "hardtanh_", "dropout", "clone", "alias", "detach", "elu", "leaky_relu", "mish", "exp", "neg",
-    "sqrt", "rsqrt", "abs", "clamp", "_to_copy", "contiguous",
+    "sqrt", "rsqrt", "abs", "clamp", "_to_copy", "contiguous", "to.dtype", "to.dtype_layout", "to.device",
+    "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
+    "feature_alpha_dropout_",
 ))(elementwise.elementwise_unary)
+function_rule(*_ops("type_as", "to.other"))(casts.cast_like)
 function_rule(*_ops(
     "add.Tensor", "add_.Tensor", "sub.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor", "add.Scalar",
     "mul.Scalar", "sub.Scalar", "div.Scalar", "pow.Tensor_Scalar", "where.self", "maximum", "minimum",
@@ -51,6 +61,7 @@ function_rule(*_ops("permute", "transpose.int", "t"))(shape.permute)
 function_rule(*_ops("expand"), rewrite=shape._rewrite_shape)(shape.expand)
 function_rule(*_ops("unbind.int"))(slicing.unbind)
 function_rule(*_ops("select.int"))(slicing.select)
+function_rule(*_ops("index.Tensor"))(slicing.index_tensor)
 function_rule(*_ops("chunk"), rewrite=slicing._rewrite_chunk_like)(slicing.chunk)
 function_rule(*_ops("split_with_sizes"), rewrite=slicing._rewrite_split)(slicing.split)
 
@@ -71,6 +82,21 @@ for _op, _spatial in ((_ops("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "
     for _o in _op:
         pooling._SPATIAL_FUNCTIONS[_o] = _spatial
     function_rule(*_op)(pooling.spatial_function)
+
+function_rule(*_ops(  # channels pass through, spatial dims are produced
+    "upsample_nearest1d.vec", "upsample_nearest1d.default", "upsample_nearest2d.vec", "upsample_nearest2d.default",
+    "upsample_nearest3d.vec", "upsample_nearest3d.default", "_upsample_nearest_exact1d.vec",
+    "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact3d.vec", "upsample_linear1d.vec",
+    "upsample_linear1d.default", "upsample_bilinear2d.vec", "upsample_bilinear2d.default",
+    "_upsample_bilinear2d_aa.vec", "_upsample_bilinear2d_aa.default", "upsample_bicubic2d.vec",
+    "upsample_bicubic2d.default", "_upsample_bicubic2d_aa.vec", "upsample_trilinear3d.vec",
+    "upsample_trilinear3d.default",
+))(pooling.resize)
+function_rule(*_ops("pad", "constant_pad_nd"))(pooling.pad)
+function_rule(*_ops(
+    "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d",
+    "replication_pad3d",
+), aliases={"padding": "pad"})(pooling.pad)
 
 function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin"))(reduce.reduction)
 function_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)

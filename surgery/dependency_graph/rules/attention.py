@@ -1,6 +1,7 @@
-"""Attention: ``nn.MultiheadAttention`` (leaf) and torchvision's Swin window attention.
+"""Attention: ``nn.MultiheadAttention`` (leaf), ``F.multi_head_attention_forward`` and torchvision's
+Swin window attention.
 
-Both are pruned by whole heads: the attention scale ``1/sqrt(head_dim)`` stays the same, so the
+All are pruned by whole heads: the attention scale ``1/sqrt(head_dim)`` stays the same, so the
 pruned model equals the masked one. ``nn.MultiheadAttention`` has one ``embed_dim`` for its query,
 its projections and its output, so all of them form one group; its key and value channels belong to
 that group too when it has one fused input projection, and form their own groups (``kdim``,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import operator
 
+import torch.nn.functional as F
 from torch import nn
 
 try:  # torchvision is optional at load time (a saved checkpoint reloads without it)
@@ -22,9 +24,9 @@ from ..context import BuildCtx, RewriteCtx
 from ._registry import function_rule, module_rule
 
 
-def _weights_used(ctx: BuildCtx) -> bool:
+def _weights_used(ctx: BuildCtx, index: int = 4) -> bool:
     """Whether the attention weights (a per-head tensor unless need_weights=False) reach any op."""
-    if ctx.arg(4, "need_weights", True) is False:
+    if ctx.arg(index, "need_weights", True) is False:
         return False
     return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in ctx.node.users)
 
@@ -40,6 +42,37 @@ def _fix_mha(m: nn.MultiheadAttention, ctx: RewriteCtx) -> None:
     m.out_proj.in_features = m.out_proj.out_features = e
 
 
+def _couple_mha(ctx: BuildCtx, q, k, v, head_dim: int, fused: bool, param) -> None:
+    """The coupling of the MHA module and of ``F.multi_head_attention_forward``.
+
+    ``param(name, dim)`` is the space of a dim of one of the attention's tensors (named as the module's:
+    ``in_proj_weight``, ``q_proj_weight``, ``out_proj.weight``, ...), or None where it has none.
+    """
+    emb = ctx.sp(q, -1)
+    if fused:  # one (3E, E) weight: its columns are the channels of query, key and value
+        cols = param("in_proj_weight", 1)
+        for t in (q, k, v):
+            ctx.identity(ctx.sp(t, -1), cols)
+        ctx.table.strided(emb, param("in_proj_weight", 0))  # q, k, v blocks of E rows each
+    else:
+        ctx.identity(emb, param("q_proj_weight", 1))
+        ctx.identity(ctx.sp(k, -1), param("k_proj_weight", 1))  # kdim
+        ctx.identity(ctx.sp(v, -1), param("v_proj_weight", 1))  # vdim
+        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            ctx.identity(emb, param(name, 0))
+    if param("in_proj_bias", 0) is not None:
+        ctx.table.strided(emb, param("in_proj_bias", 0))
+    ctx.identity(emb, param("out_proj.weight", 1))
+    ctx.identity(emb, param("out_proj.weight", 0))  # one embed_dim for input and output
+    if param("out_proj.bias", 0) is not None:
+        ctx.identity(param("out_proj.bias", 0), emb)
+    ctx.table.tie_blocks(emb, head_dim)
+    out = (0,)
+    ctx.identity(emb, ctx.out(-1, out))
+    for d in range(ctx.val(q).dim() - 1):
+        ctx.identity(ctx.sp(q, d), ctx.out(d, out))
+
+
 @module_rule(nn.MultiheadAttention, fix=_fix_mha)
 def multihead_attention(ctx: BuildCtx) -> None:
     """Self- or cross-attention. The embed dim (query channels, every projection's output rows, the
@@ -49,29 +82,49 @@ def multihead_attention(ctx: BuildCtx) -> None:
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     if m.bias_k is not None or m.add_zero_attn or _weights_used(ctx) or not all(ctx.is_tensor(t) for t in (q, k, v)):
         return
-    emb = ctx.sp(q, -1)
-    if m._qkv_same_embed_dim:  # one (3E, E) weight: its columns are the channels of query, key and value
-        cols = ctx.p("in_proj_weight", 1)
-        for t in (q, k, v):
-            ctx.identity(ctx.sp(t, -1), cols)
-        ctx.table.strided(emb, ctx.p("in_proj_weight", 0))  # q, k, v blocks of E rows each
-    else:
-        ctx.identity(emb, ctx.p("q_proj_weight", 1))
-        ctx.identity(ctx.sp(k, -1), ctx.p("k_proj_weight", 1))  # kdim
-        ctx.identity(ctx.sp(v, -1), ctx.p("v_proj_weight", 1))  # vdim
-        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            ctx.identity(emb, ctx.p(name, 0))
-    if m.in_proj_bias is not None:
-        ctx.table.strided(emb, ctx.p("in_proj_bias", 0))
-    ctx.identity(emb, ctx.p("out_proj.weight", 1))
-    ctx.identity(emb, ctx.p("out_proj.weight", 0))  # one embed_dim for input and output
-    if m.out_proj.bias is not None:
-        ctx.identity(ctx.p("out_proj.bias", 0), emb)
-    ctx.table.tie_blocks(emb, m.head_dim)
-    out = (0,)
-    ctx.identity(emb, ctx.out(-1, out))
-    for d in range(ctx.val(q).dim() - 1):
-        ctx.identity(ctx.sp(q, d), ctx.out(d, out))
+    _couple_mha(ctx, q, k, v, m.head_dim, m._qkv_same_embed_dim,
+                lambda name, dim: ctx.p(name, dim) if ctx.has(name) else None)
+
+
+# -- functional multi-head attention --------------------------------------------------------
+
+#: the tensors of ``F.multi_head_attention_forward`` by the module's names
+_MHA_TENSORS = {
+    "in_proj_weight": "in_proj_weight", "in_proj_bias": "in_proj_bias", "out_proj.weight": "out_proj_weight",
+    "out_proj.bias": "out_proj_bias", "q_proj_weight": "q_proj_weight", "k_proj_weight": "k_proj_weight",
+    "v_proj_weight": "v_proj_weight",
+}
+
+
+def _rewrite_functional_mha(ctx: RewriteCtx) -> None:
+    q = ctx.old_arg(0, "query")
+    embed, heads = ctx.old_arg(3, "embed_dim_to_check"), ctx.old_arg(4, "num_heads")
+    new = ctx.new_size(q, -1)
+    ctx.set_arg(3, "embed_dim_to_check", new)
+    ctx.set_arg(4, "num_heads", new // (embed // heads))
+
+
+@function_rule(F.multi_head_attention_forward, rewrite=_rewrite_functional_mha)
+def functional_multihead_attention(ctx: BuildCtx) -> None:
+    """``F.multi_head_attention_forward``: the module rule's coupling on the tensors passed in; the
+    embed dim goes by whole heads and ``embed_dim_to_check`` / ``num_heads`` are rewritten."""
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    embed, heads = ctx.arg(3, "embed_dim_to_check"), ctx.arg(4, "num_heads")
+    if not all(ctx.is_tensor(t) for t in (q, k, v)) or not (isinstance(embed, int) and isinstance(heads, int)):
+        return
+    if any(ctx.arg(i, n, None) is not None for i, n in ((7, "bias_k"), (8, "bias_v"), (21, "static_k"), (22, "static_v"))):
+        return
+    if ctx.arg(9, "add_zero_attn", False) or _weights_used(ctx, 15) or embed % heads:
+        return
+    separate = bool(ctx.arg(17, "use_separate_proj_weight", False))
+    given = {name: ctx.arg(None, arg, None) for name, arg in _MHA_TENSORS.items()}
+    if not all(t is None or ctx.is_tensor(t) for t in given.values()):
+        return
+    needed = ("q_proj_weight", "k_proj_weight", "v_proj_weight") if separate else ("in_proj_weight",)
+    if any(given[n] is None for n in (*needed, "out_proj.weight")):
+        return
+    _couple_mha(ctx, q, k, v, embed // heads, not separate,
+                lambda name, dim: ctx.sp(given[name], dim) if given[name] is not None else None)
 
 
 # -- torchvision Swin ----------------------------------------------------------------------

@@ -144,7 +144,9 @@ def select(ctx: BuildCtx) -> None:
 
 
 def _index_plan(ctx_val, index) -> list[tuple] | None:
-    """Per index item: ('slice', in_dim, out_dim, slice) | ('int', in_dim) | ('new', out_dim)."""
+    """Per index item: ('slice', in_dim, out_dim, slice) | ('int', in_dim) | ('new', out_dim) |
+    ('tensor', in_dim, node) for an integer index tensor (advanced indexing: ``out_dim`` of the
+    slices is then not where they land, see ``_couple_advanced``)."""
     items = list(index) if isinstance(index, tuple) else [index]
     consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
     nd = ctx_val.dim()
@@ -165,8 +167,11 @@ def _index_plan(ctx_val, index) -> list[tuple] | None:
         elif isinstance(it, int):
             plan.append(("int", i))
             i += 1
+        elif _index_tensor(it):
+            plan.append(("tensor", i, it))
+            i += 1
         else:
-            return None  # tensor / node index: advanced indexing, stopped
+            return None  # bool masks, lists, ints computed at run time: stopped
     while i < nd:
         plan.append(("slice", i, o, slice(None)))
         i += 1
@@ -242,6 +247,12 @@ def getitem(ctx: BuildCtx) -> None:
     plan = _index_plan(value, index)
     if plan is None:
         return
+    if any(step[0] == "tensor" for step in plan):
+        # torch applies ints (select) and None (unsqueeze) first, then the index tensors
+        inter = [("src", s[1], s[3]) if s[0] == "slice" else ("new",) if s[0] == "new" else ("idx", s[2])
+                 for s in plan if s[0] != "int"]
+        _couple_advanced(ctx, src, inter)
+        return
     for step in plan:
         if step[0] != "slice":
             continue
@@ -252,3 +263,76 @@ def getitem(ctx: BuildCtx) -> None:
         bounds = _const_slice(s, value.shape[d])
         if bounds is not None and bounds[1] > bounds[0]:
             ctx.table.offset(ctx.out(o), ctx.sp(src, d), bounds[0])
+
+
+# -- advanced indexing: index tensors ------------------------------------------------------
+
+
+def _index_tensor(x) -> bool:
+    """An integer index tensor (bool masks select a data-dependent number of entries: not here)."""
+    v = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype not in (torch.bool, torch.uint8)
+
+
+def _couple_advanced(ctx: BuildCtx, src: torch.fx.Node, inter: list[tuple]) -> None:
+    """Index tensors on the dims of ``inter`` (``('src', dim, slice)`` | ``('new',)`` | ``('idx', node)``).
+
+    The dims indexed by tensors are consumed (stopped); their broadcast shape takes the place of the
+    first of them when they are adjacent, else goes first (numpy's rule, which torch follows); every
+    other dim passes through (a constant slice at its offset). Index tensors' own dims are coupled
+    with the broadcast dims where sizes agree. Where the predicted output shape is not the recorded
+    one, nothing is coupled.
+    """
+    value, out = ctx.val(src), ctx.out_val()
+    if not isinstance(out, torch.Tensor):
+        return
+    taken = [k for k, e in enumerate(inter) if e[0] == "idx"]
+    shapes = [tuple(ctx.shape(inter[k][1])) for k in taken]
+    try:
+        bshape = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return
+    rest = [e for e in inter if e[0] != "idx"]
+    adjacent = taken == list(range(taken[0], taken[-1] + 1))
+    before = sum(1 for e in inter[: taken[0]] if e[0] != "idx") if adjacent else 0
+    layout = rest[:before] + [("bcast", j) for j in range(len(bshape))] + rest[before:]
+    if len(layout) != out.dim():
+        return
+    couplings = []
+    for o, e in enumerate(layout):
+        if e[0] == "bcast":
+            size = bshape[e[1]]
+        elif e[0] == "new":
+            size = 1
+        else:
+            bounds = _const_slice(e[2], value.shape[e[1]])
+            size = None if bounds is None else bounds[1] - bounds[0]
+            if bounds is not None and size > 0:
+                couplings.append((o, e[1], bounds[0], e[2] == slice(None)))
+        if size is not None and size != out.shape[o]:
+            return  # not the layout predicted: leave every dim stopped
+    for o, d, start, whole in couplings:
+        if whole:
+            ctx.identity(ctx.sp(src, d), ctx.out(o))
+        else:
+            ctx.table.offset(ctx.out(o), ctx.sp(src, d), start)
+    first = before
+    for k, shape in zip(taken, shapes):
+        for j, n in enumerate(shape):
+            b = len(bshape) - len(shape) + j
+            if n == bshape[b]:
+                ctx.identity(ctx.sp(inter[k][1], j), ctx.out(first + b))
+
+
+def index_tensor(ctx: BuildCtx) -> None:
+    """``aten.index.Tensor(x, indices)``: ``indices[d]`` indexes dim ``d``, ``None`` keeps it whole
+    (``x[:, idx]`` is ``[None, idx]``); the same rule as ``x[...]`` with index tensors."""
+    x, indices = ctx.input, ctx.arg(1, "indices")
+    if not ctx.is_tensor(x) or not isinstance(indices, (list, tuple)) or not any(i is not None for i in indices):
+        return
+    if not all(i is None or _index_tensor(i) for i in indices):
+        return
+    nd = ctx.val(x).dim()
+    inter = [("idx", indices[d]) if d < len(indices) and indices[d] is not None else ("src", d, slice(None))
+             for d in range(nd)]
+    _couple_advanced(ctx, x, inter)
