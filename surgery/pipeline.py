@@ -62,19 +62,18 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     inputs = normalize_inputs(example_inputs)
     if plan is None:
         check_ratio(ratio)
-        split_options(method, options)  # fail on a bad option before any work
-        leaves = leaf_names(model, options.get("leaf_modules", ()))
+        opts, _ = split_options(method, options)  # fail on a bad option before any work
+        leaves, free = leaf_names(model, opts.leaf_modules), opts.free_outputs
     else:
         if options:
             raise PlanError(f"options {', '.join(sorted(options))} cannot be combined with a saved plan")
-        leaves = plan.leaf_modules
+        leaves, free = plan.leaf_modules, tuple(plan.options.get("free_outputs", ()))
     before = None
     if measure:
         step("counting params and MACs")
         before = stats(model, inputs)
     step("tracing the dependency graph")
-    free = options.get("free_outputs", ()) if plan is None else plan.options.get("free_outputs", ())
-    graph = trace_graph(model, inputs, leaves, (free,) if isinstance(free, str) else tuple(free or ()))
+    graph = trace_graph(model, inputs, leaves, free)
     applied: dict[str, object] = {}
 
     def verify(p: Plan):

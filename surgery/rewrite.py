@@ -187,6 +187,9 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", outp
     removed = graph.removed_components(plan.removed_units())
     per_tensor = _kept_dims(graph, removed)
     folded = _folded(graph, plan)
+    if mode == "mask":  # slices a rule exempts from zeroing (a weight norm's v) stay as they are
+        exempt = graph.table.mask_exempt
+        per_tensor = {k: [(d, kept) for d, kept in dims if (*k, d) not in exempt] for k, dims in per_tensor.items()}
     if model is None and graph.frontend == "fx":
         model = graph.root
     if output != "graph" and model is not None and mode == "mask":

@@ -227,8 +227,7 @@ WEIGHT_NORMS = [("raw", True), ("raw", False), ("module", True), ("module", Fals
 @pytest.mark.parametrize("kind,export", WEIGHT_NORMS, ids=[f"{k}-{'export' if e else 'fx'}" for k, e in WEIGHT_NORMS])
 def test_weight_norm_output_channels_prune_exactly_input_channels_are_cross_channel(kind, export):
     """Output channels (``dim=0``) have their own g and norm: pruned == the original with those
-    channels zeroed. Input channels share the norm: their group (c1's outputs) is cross-channel.
-    (Mask mode zeroes whole rows of v, and 0/0 is nan, so pruned == masked is not the check here.)"""
+    channels zeroed. Input channels share the norm: their group (c1's outputs) is cross-channel."""
     model, prefix = _weight_norm_model(kind, export)
     g_name, v_name = (f"{prefix}0", f"{prefix}1") if prefix else ("g", "v")
     x = torch.randn(2, 4, 7)
@@ -253,6 +252,8 @@ def test_weight_norm_output_channels_prune_exactly_input_channels_are_cross_chan
         hook.remove()
     with torch.no_grad():
         assert torch.allclose(pruned(x), expected, atol=1e-5)
+    # mask mode zeroes g only along dim (v is exempt: a zeroed row of v would give 0/0)
+    check_pruned_equals_masked(model, x, "group-l1", 0.5, output="graph")
 
 
 @FRONT_ENDS

@@ -54,6 +54,9 @@ class SpaceTable:
         self.stops: dict[int, tuple[Reason, str]] = {}
         self.cross: dict[int, str] = {}
         self.touched: set[int] = set()
+        #: ``(owner, name, dim)`` of parameter dims that mask mode must not zero (a weight norm's ``v``
+        #: along its own dim: zeroing its ``g`` already zeroes the channel, zeroing ``v`` gives 0/0)
+        self.mask_exempt: set[tuple[str, str, int]] = set()
         #: fnmatch patterns of model outputs whose channels may shrink (``trace(free_outputs=...)``)
         self.free_outputs: tuple[str, ...] = ()
         self.fed: list[bool] = []
@@ -66,6 +69,8 @@ class SpaceTable:
         self.size_constraints: list[tuple[int, int]] = []
         #: node name -> the spaces of every tensor it produced (filled as nodes are registered)
         self.node_spaces: dict[str, list[int]] = {}  # space reaches a parameter through couplings made so far
+        #: what op rules remember between nodes of one build (``rules/statistics.py``, ``rules/rotary.py``)
+        self.cache: dict[str, object] = {}
 
     # -- creation ---------------------------------------------------------------------------
     def _new(self, size: int, kind: str, node: str, path: tuple, dim: int, param: str = "") -> int:

@@ -12,6 +12,8 @@ channels) the norm spans the channels: a pruned ``v`` has a smaller norm, so the
 That is a cross-channel statistic, flagged like LayerNorm's (pruned equals masked still holds,
 since a zeroed slice of ``v`` adds nothing to the norm, but neither equals the original with the
 channel zeroed). ``dim=-1`` (``dim=None`` in ``nn.utils``) normalises the whole tensor by one norm.
+In mask mode only ``g`` is zeroed along ``dim`` (``v`` is exempt): that zeroes the channel, where a
+zeroed row of ``v`` would give 0/0.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def weight_norm(ctx: BuildCtx) -> None:
     if ctx.val(g).dim() != nd and dim != -1:
         return
     _couple(ctx, lambda d: ctx.sp(v, d), lambda d: ctx.sp(g, d), nd, dim)
+    if v.op == "get_attr" and dim != -1:
+        owner, _, name = v.target.rpartition(".")
+        ctx.table.mask_exempt.add((owner, name, dim % nd))
 
 
 def _fix_parametrization(module, ctx: RewriteCtx) -> None:
@@ -73,3 +78,5 @@ def weight_norm_parametrization(ctx: BuildCtx) -> None:
     if ctx.module.original0.dim() != out.dim() and dim != -1:
         return
     _couple(ctx, lambda d: ctx.p("original1", d), lambda d: ctx.p("original0", d), out.dim(), dim)
+    if dim != -1:
+        ctx.table.mask_exempt.add((ctx.owner, "original1", dim % out.dim()))
