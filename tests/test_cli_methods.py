@@ -65,3 +65,21 @@ def test_methods_name_describes_paper_needs_and_options():
         assert text in r.stdout, text
     bad = CliRunner().invoke(app, ["methods", "thinett"])
     assert bad.exit_code == 1 and "unknown method 'thinett' (did you mean 'thinet'?)" in bad.stderr
+
+
+@pytest.mark.parametrize("method", surgery.methods())
+def test_target_macs_works_with_every_method(method):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from samples.resnet_mini import resnet_mini
+    from surgery.calibration.data import digits
+
+    torch.manual_seed(0)
+    model, x = resnet_mini().eval(), torch.randn(1, 1, 16, 16)
+    xs, ys = digits((1, 1, 16, 16))
+    opts = {"scope": "all"} if method.startswith("thinet") else {}
+    data = (xs[:64], ys[:64]) if get_method(method).needs_data else None
+    p = surgery.plan(model, x, method, data=data, target_macs=0.6, **opts)
+    got = surgery.stats(surgery.apply(model, p), x).macs / surgery.stats(model, x).macs
+    assert abs(got - 0.6) <= 0.02, (method, got)
