@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Module classes a dense checkpoint may rebuild.
-MODULE_PREFIXES = ("torch.nn.", "torchvision.ops.")
+MODULE_PREFIXES = ("torch.nn.", "torchvision.ops.", "surgery.layers.")
 #: Globals a whole-module pickle may name without ``trust`` (classes only; fx is excluded: its
 #: GraphModule pickles carry Python source that is exec'd on load).
 PICKLE_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.", "surgery.")
