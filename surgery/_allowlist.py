@@ -6,7 +6,8 @@ a dense checkpoint can only name
 * module classes from ``torch.nn`` and ``torchvision.ops`` (rebuilt with ``cls.__new__`` plus plain
   attributes, no constructor runs);
 * graph functions: ``torch`` tensor ops, ``torch.nn.functional``, ``operator``, ``math``, a few
-  builtins, ``torch.ops.aten``/``torch.ops.torchvision`` overloads and functions defined in
+  builtins, ``torch.sym_*`` size arithmetic, ``torch.ops.aten``/``torch.ops.torchvision`` overloads
+  (public names, plus a fixed list of private aten ops that ``torch.export`` emits) and functions defined in
   ``torchvision.ops`` / ``torchvision.models`` modules (torchvision's fx-wrapped helpers);
 * tensor methods (``call_method``) and public tensor attributes (``getattr``).
 
@@ -51,6 +52,13 @@ _TORCH_DENY = {"from_file", "load", "save"}
 _METHOD_DENY = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "backward"}
 _CONTAINER_METHODS = {"keys", "values", "items", "get", "index", "count"}
 _OP_NAMESPACES = {"aten", "torchvision"}
+#: Private aten ops that ``torch.export`` graphs hold; other names starting with ``_`` stay refused.
+_PRIVATE_ATEN = {
+    "_assert_scalar", "_assert_async", "_assert_tensor_metadata", "_to_copy", "_unsafe_view", "_softmax",
+    "_log_softmax", "_native_batch_norm_legit_no_training", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+}
+#: Size arithmetic of graphs with symbolic shapes (``torch.sym_max(s0, 1)``).
+_TORCH_SYM = {"sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum"}
 
 
 def qualified_name(obj) -> str:
@@ -120,7 +128,7 @@ def _function_allowed(name: str):
     if modname == "math":
         return getattr(math, attr, None) if public else None
     if modname == "torch":
-        return getattr(torch, attr, None) if attr in _TORCH_FUNCS else None
+        return getattr(torch, attr, None) if attr in _TORCH_FUNCS or attr in _TORCH_SYM else None
     if modname == "torch.functional":
         return getattr(torch.functional, attr, None) if attr in torch.functional.__all__ else None
     if modname == "torch.nn.functional":
@@ -140,7 +148,10 @@ def _function_allowed(name: str):
 
 def _resolve_op(name: str):
     parts = name.split(".")[2:]  # torch.ops.<ns>.<op>[.<overload>]
-    if len(parts) not in (2, 3) or parts[0] not in _OP_NAMESPACES or any(p.startswith("_") for p in parts):
+    if len(parts) not in (2, 3) or parts[0] not in _OP_NAMESPACES:
+        return None
+    private = parts[0] == "aten" and parts[1] in _PRIVATE_ATEN
+    if any(p.startswith("_") for p in parts[2 if private else 1:]):
         return None
     if parts[0] == "torchvision":
         _import_allowed("torchvision.ops", ("torchvision.ops",))  # registers the torchvision ops
@@ -155,10 +166,10 @@ def _resolve_op(name: str):
 
 def function_name(fn) -> str:
     """Qualified name under which ``fn`` is stored; raises ``ValueError`` if it is not allow-listed."""
-    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if isinstance(fn, torch._ops.OpOverload):
+        name = f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
+    elif isinstance(fn, torch._ops.OpOverloadPacket):
         name = f"torch.ops.{fn._qualified_op_name.replace('::', '.')}"
-        if isinstance(fn, torch._ops.OpOverload):
-            name += f".{fn._overloadname}"
     else:
         name = torch.fx.node._get_qualified_name(fn)
     if _function_allowed(name) is not fn:

@@ -3,7 +3,10 @@
 The data has two parts:
 
 ``graph``
-    ``{"class_name": str, "nodes": [{"op", "name", "target", "args", "kwargs"}, ...]}``. Targets of
+    ``{"class_name": str, "nodes": [{"op", "name", "target", "args", "kwargs"}, ...]}``, plus
+    ``"pytree": {"orig_args": [str], "in_spec": str, "out_spec": str | None}`` for a graph whose inputs
+    or outputs are nested (``torch.export``'s pytree code generator; the specs are
+    ``torch.utils._pytree.treespec_dumps`` JSON, which names only registered container types). Targets of
     ``call_function`` nodes are qualified names (``torch.flatten``, ``_operator.add``), resolved on
     load against :mod:`surgery._allowlist`. Arguments are JSON with tagged values:
     ``{"$node": name}``, ``{"$tuple": [...]}``, ``{"$slice": [a, b, c]}``, ``{"$dtype": "float32"}``...
@@ -105,8 +108,9 @@ def decode_value(v, nodes: dict[str, torch.fx.Node] | None = None):
 # -- graph --------------------------------------------------------------------------------------
 def graph_to_data(gm: torch.fx.GraphModule) -> dict:
     """The nodes of ``gm.graph`` as plain data (raises ``SurgeryError`` for what cannot be stored)."""
-    if type(gm.graph._codegen) is not torch.fx.graph.CodeGen:
-        raise SurgeryError("cannot store a graph with a custom code generator (pytree inputs/outputs) in a dense checkpoint")
+    codegen = gm.graph._codegen
+    if type(codegen) not in (torch.fx.graph.CodeGen, torch.fx.graph._PyTreeCodeGen):
+        raise SurgeryError(f"cannot store a graph with a custom code generator ({type(codegen).__name__}) in a dense checkpoint")
     nodes = []
     for n in gm.graph.nodes:
         target = n.target
@@ -120,7 +124,44 @@ def graph_to_data(gm: torch.fx.GraphModule) -> dict:
         where = f"an argument of node {n.name}"
         nodes.append({"op": n.op, "name": n.name, "target": target,
                       "args": encode_value(tuple(n.args), where), "kwargs": encode_value(dict(n.kwargs), where)})
-    return {"class_name": type(gm).__name__, "nodes": nodes}
+    data = {"class_name": type(gm).__name__, "nodes": nodes}
+    if type(codegen) is torch.fx.graph._PyTreeCodeGen:
+        data["pytree"] = _pytree_to_data(codegen.pytree_info)
+    return data
+
+
+def _pytree_to_data(info) -> dict:
+    import torch.utils._pytree as pytree
+
+    try:
+        return {"orig_args": [str(a) for a in info.orig_args], "in_spec": pytree.treespec_dumps(info.in_spec),
+                "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    except Exception as exc:  # e.g. a namedtuple without a registered serialized name
+        raise SurgeryError(f"cannot store the model's input/output structure: {str(exc).splitlines()[0]}") from None
+
+
+def _names_ok(names) -> bool:
+    import keyword
+
+    return all(isinstance(n, str) and n.isidentifier() and not keyword.iskeyword(n) for n in names)
+
+
+def _data_to_codegen(data) -> torch.fx.graph.CodeGen:
+    """The pytree code generator stored by :func:`_pytree_to_data`. Its argument names and keyword
+    names go into generated source, so they must be identifiers."""
+    import torch.utils._pytree as pytree
+
+    if not isinstance(data, dict) or not isinstance(data.get("orig_args"), list) or not _names_ok(data["orig_args"]):
+        raise ModelLoadError("checkpoint input/output structure is malformed")
+    try:
+        in_spec = pytree.treespec_loads(data["in_spec"])
+        out_spec = pytree.treespec_loads(data["out_spec"]) if data.get("out_spec") is not None else None
+    except Exception as exc:
+        raise ModelLoadError(f"checkpoint input/output structure cannot be read ({str(exc).splitlines()[0]})") from None
+    if in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(1).type is dict:
+        if not _names_ok(in_spec.child(1).context):
+            raise ModelLoadError("checkpoint input structure has keyword names that are not identifiers")
+    return torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(list(data["orig_args"]), in_spec, out_spec))
 
 
 def _check_node(op: str, target, args, tensor_targets: set[str], module_paths: set[str]):
@@ -158,6 +199,8 @@ def data_to_graph(data: dict, tensor_targets: set[str], module_paths: set[str]) 
             made[nd["name"]] = graph.create_node(nd["op"], target, args, kwargs, name=nd["name"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"checkpoint graph is malformed: {type(exc).__name__}: {exc}") from None
+    if data.get("pytree") is not None:
+        graph.set_codegen(_data_to_codegen(data["pytree"]))
     graph.lint()
     return graph
 

@@ -201,12 +201,15 @@ def propagate(root: nn.Module, graph: torch.fx.Graph, inputs: Sequence) -> None:
 def _export_trace(model: nn.Module, inputs: tuple, fx_error: TraceError) -> Traced:
     """Second front end: ``torch.export`` (aten-level graph, parameters as ``get_attr``).
 
-    Used where symbolic tracing fails, e.g. Python control flow on shapes, which export specialises
-    to the example inputs. The aten op rules in ``rules/aten.py`` read the same graph structure.
+    Used where symbolic tracing fails, e.g. Python control flow on shapes. ``exporting.py`` makes
+    the batch (and other dims where the model allows) dynamic, keeps BatchNorm and dropout switchable
+    by ``train()`` and returns a plain ``GraphModule``. The aten op rules in ``rules/aten.py`` read
+    the same graph structure.
     """
+    from .exporting import export_module
+
     try:
-        program = torch.export.export(model, tuple(inputs), strict=False)
-        gm = program.module()
+        gm = export_module(model, tuple(inputs))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"both front ends failed. torch.fx: {fx_error}. torch.export: {first}{_user_frame(exc)}") from exc
