@@ -249,6 +249,7 @@ def test_dense_checkpoint_round_trip(gapnet, tmp_path):
         with torch.no_grad():
             assert torch.equal(back(x), pruned(x))
     assert isinstance(back.bn1, nn.BatchNorm2d) and not back.training
+    assert surgery.trace(back, torch.randn(2, 3, 8, 8)).frontend == "fx"  # a loaded graph traces again
     back.train()
     assert back.bn1.training and back.drop.training
 

@@ -112,7 +112,7 @@ def input_checks(program, placeholders: list, leaves: list, example: list, names
     checks, first = [], {}
     for i, (ph, leaf) in enumerate(zip(placeholders, leaves)):
         if not isinstance(leaf, torch.Tensor):
-            if isinstance(leaf, (bool, int)):
+            if isinstance(leaf, (bool, int, float)) and leaf == leaf:  # export bakes scalars in
                 checks.append(("value", i, leaf))
             continue
         val = ph.meta.get("val")
