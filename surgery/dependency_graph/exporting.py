@@ -6,9 +6,10 @@ the next step a user takes works on it:
 * **Dynamic shapes.** The model is exported with a shared ``Dim("batch")`` on dim 0 of every batched
   input and ``Dim.AUTO`` on every other dim of size 2 or more (export fixes the dims the weights fix,
   such as channels). A try is kept only if the graph can check every guard export recorded
-  (``export_checks.py``); a guard that limits a dim (control flow on a shape, ``y.shape[-1] > 4``) or
-  ties dims by a product (``H * W == 64``) rejects it. Then batch alone is made dynamic, then nothing,
-  with a warning naming the guard. A batch of 1 is traced as a batch of 2 (export fixes dims of size
+  (``export_checks.py``): bounds on sizes become checks (``if x.shape[-1] > 4`` leaves a graph for
+  widths of 5 and more), an equation over several sizes (``H * W == 64``, a flatten into a linear
+  layer) rejects the try. Then batch alone is made dynamic, then nothing, with a warning naming the
+  guard. A batch of 1 is traced as a batch of 2 (export fixes dims of size
   0 or 1, and assumes a dynamic dim is never 1: ``if x.shape[0] == 1`` takes the other branch
   without a guard), so that graph is run once on the example and kept only if it computes what the
   model computes. Like ``ExportedProgram.module()``, the graph accepts 0 and 1 for a dynamic dim.
