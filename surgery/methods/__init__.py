@@ -1,6 +1,6 @@
 """Methods as registered plug-ins, one file per method. Importing this package registers them."""
 
-from . import apoz, bn_gate, entropy, magnitude, obd, random, taylor, thinet  # noqa: F401
+from . import apoz, bn_gate, entropy, from_scratch, magnitude, obd, random, taylor, thinet  # noqa: F401
 from ._registry import NEEDS, Method, Option, get_method, list_methods, register_method
 from .context import ScoreContext, Scores
 
