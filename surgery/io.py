@@ -245,9 +245,19 @@ def _load_pt2(path: str):
     for n in ep.graph.nodes:
         val = n.meta.get("val")
         if n.op == "placeholder" and n.name in names and isinstance(val, torch.Tensor):
-            shape = tuple(int(s) for s in val.shape)
+            dims = [_concrete(s) for s in val.shape]
+            shape = tuple(dims) if None not in dims else None  # dynamic without a hint: ask --input-shape
             break
     return model, shape
+
+
+def _concrete(size) -> int | None:
+    """A size of an exported program's input: the int, a symbolic size's example hint, or None."""
+    try:
+        return int(size)
+    except Exception:  # an unbacked or hint-less symbolic size
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        return int(hint) if hint is not None else None
 
 
 def _load_file(path: str, trust: bool):
