@@ -10,7 +10,6 @@ import surgery
 from helpers import check_pruned_equals_masked
 from surgery.dependency_graph import Reason
 from surgery.dependency_graph.rules import module_rule
-from surgery.dependency_graph.tracing import DEFAULT_LEAF_MODULES
 
 
 class Unfixable(nn.Module):
@@ -59,4 +58,5 @@ def test_group_the_rewrite_cannot_honour_is_left_whole_with_the_reason():
     res = run(net, x, "group-l1", 0.5, leaf_modules=leaf, mode=None)
     bad = [g for g in res.graph.groups if g.reason is Reason.NOT_REWRITABLE]
     assert len(bad) == 1 and "this layer's width is baked into a kernel" in bad[0].why and "u" in bad[0].why
-    assert Unfixable not in DEFAULT_LEAF_MODULES
+    # a module rule makes its module a leaf: no leaf_modules needed
+    assert [n.target for n in surgery.trace(net, x).fx_graph.nodes if n.op == "call_module"] == ["c1", "u", "c2", "c3"]

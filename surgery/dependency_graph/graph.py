@@ -88,7 +88,7 @@ class DependencyGraph:
         kc, ks = keys // len(t.spaces), keys % len(t.spaces)
         rng = np.random.default_rng(0)
         space_hash = rng.integers(1, 2**62, size=len(t.spaces), dtype=np.int64)
-        starts = np.flatnonzero(np.r_[True, kc[1:] != kc[:-1]])
+        starts = np.flatnonzero(np.r_[True, kc[1:] != kc[:-1]]) if kc.size else np.zeros(0, np.int64)
         comps = kc[starts]
         sig = np.bitwise_xor.reduceat(space_hash[ks], starts) if keys.size else np.zeros(0, np.int64)
         first_space = ks[starts]  # smallest space id of each component

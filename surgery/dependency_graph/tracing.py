@@ -9,6 +9,7 @@ graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import linecache
 import os
 import traceback
@@ -20,12 +21,18 @@ import torch.fx
 from torch import nn
 
 from ..errors import TraceError
+from .rules._registry import is_leaf
 from .shapes import fast_function_value, fast_module_value
 
-__all__ = ["eval_mode", "Traced", "trace_graph", "trace_module", "propagate", "normalize_inputs", "DEFAULT_LEAF_MODULES"]
+__all__ = ["eval_mode", "Traced", "trace_graph", "trace_module", "propagate", "normalize_inputs"]
 
-#: Modules fx must not enter; each has its own op rule.
-DEFAULT_LEAF_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
+#: how many modules fx may fall back to calling whole after failing to trace through them
+_MAX_LEAF_RETRIES = 16
+#: pure torch helpers that fx records as calls instead of entering, as (module, name):
+#: ``nn.TransformerEncoder`` asks ``_get_seq_len`` (``is_nested``, ``len(size())``) for a sequence
+#: length it only needs for a mask; calls whose result is unused are dropped
+_WRAPPED = ((nn.modules.transformer, "_get_seq_len"),)
+_AUTOWRAP = tuple(getattr(m, name) for m, name in _WRAPPED if hasattr(m, name))
 
 
 def normalize_inputs(example_inputs) -> tuple:
@@ -38,15 +45,73 @@ def normalize_inputs(example_inputs) -> tuple:
 
 
 class _Tracer(torch.fx.Tracer):
+    """Leaves come from the rule registry: a module is called as one node iff it has a module rule
+    (``rules._registry.is_leaf``) or the user listed it; every other module is entered, torch's own
+    composites (``nn.TransformerEncoderLayer``, ...) included. ``entered`` is the stack of modules
+    being entered; after a failed trace it names the modules the failure happened in."""
+
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
+        self.entered: list[tuple[str, nn.Module]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
-            return True
-        return super().is_leaf_module(m, qualname)
+        return isinstance(m, self._leaf_types) or qualname in self._leaf_names or is_leaf(m)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        self.entered.append((qualname, m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.entered.pop()  # left in place when tracing raises: the stack says where
+        return out
+
+
+def _drop_unused_autowrapped(graph: torch.fx.Graph) -> None:
+    for node in reversed(graph.nodes):
+        if node.op == "call_function" and node.target in _AUTOWRAP and not node.users:
+            graph.erase_node(node)
+
+
+def _torch_composite(m: nn.Module) -> bool:
+    """A torch module without a rule: fx's own default would have called it whole."""
+    return m.__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(m, nn.Sequential)
+
+
+def _recorded(fn):
+    """``fn`` as fx records it: one ``call_function`` node when an argument is a proxy."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        proxies: list[torch.fx.Proxy] = []
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _slow_paths():
+    """Trace the Python path of torch's transformer layers, not their fused fast path (whose
+    conditions test tensors and flags that fx cannot evaluate), with ``_WRAPPED`` helpers recorded."""
+    mha = getattr(torch.backends, "mha", None)
+    before = mha.get_fastpath_enabled() if hasattr(mha, "set_fastpath_enabled") else None
+    saved = [(m, name, getattr(m, name)) for m, name in _WRAPPED if hasattr(m, name)]
+    try:
+        if before is not None:
+            mha.set_fastpath_enabled(False)
+        for m, name, fn in saved:
+            setattr(m, name, _recorded(fn))
+        yield
+    finally:
+        for m, name, fn in saved:
+            setattr(m, name, fn)
+        if before is not None:
+            mha.set_fastpath_enabled(before)
 
 
 @contextlib.contextmanager
@@ -79,7 +144,7 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def _leaf_options(leaf_modules: Iterable) -> tuple[tuple[type, ...], frozenset[str]]:
-    types, names = list(DEFAULT_LEAF_MODULES), set()
+    types, names = [], set()
     for item in leaf_modules or ():
         if isinstance(item, str):
             names.add(item)
@@ -111,18 +176,28 @@ class Traced:
 
 
 def _symbolic_trace(model: nn.Module, leaf_modules: Iterable) -> Traced:
+    """fx trace with registry leaves. Where tracing fails inside a torch module that has no rule
+    (``nn.Transformer`` checks shapes in Python), that module is called whole and the trace retried."""
     types, names = _leaf_options(leaf_modules)
-    tracer = _Tracer(types, names)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many kinds; all mean "not symbolically traceable"
-        where = _user_frame(exc)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"cannot trace {type(model).__name__}: {first}{where}; make the module that contains this code "
-            f"a leaf (leaf_modules=[...], CLI --leaf NAME)"
-        ) from exc
-    return Traced(tracer.root, graph, "fx", type(model).__name__)
+    for _ in range(_MAX_LEAF_RETRIES + 1):
+        tracer = _Tracer(types, names)
+        try:
+            with _slow_paths():
+                graph = tracer.trace(model)
+            _drop_unused_autowrapped(graph)
+            return Traced(tracer.root, graph, "fx", type(model).__name__)
+        except Exception as exc:  # fx raises many kinds; all mean "not symbolically traceable"
+            error = exc
+            inside = [q for q, m in tracer.entered if q and q not in names and _torch_composite(m)]
+            if not inside:
+                break
+            names = names | {inside[-1]}
+    where = _user_frame(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise TraceError(
+        f"cannot trace {type(model).__name__}: {first}{where}; make the module that contains this code "
+        f"a leaf (leaf_modules=[...], CLI --leaf NAME)"
+    ) from error
 
 
 class _ShapeRunner(torch.fx.Interpreter):
@@ -146,6 +221,12 @@ class _ShapeRunner(torch.fx.Interpreter):
             return cached
         return value
 
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node):
+        """Arguments as plain lists and dicts: fx's immutable containers break callees that mutate
+        what they are given (torchvision's Swin 3D helpers edit their size lists)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
+
     def call_module(self, target, args, kwargs):
         module = super().fetch_attr(target)
         if not self.meta:
@@ -167,6 +248,17 @@ class _ShapeRunner(torch.fx.Interpreter):
             raise TraceError(f"shape propagation failed at node {n.format_node()}: {exc}".splitlines()[0]) from exc
         n.meta["val"] = _detach(value)
         return value
+
+
+def _mutable(value):
+    """``value`` with fx's ``immutable_list`` / ``immutable_dict`` (nested too) as plain ones."""
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
 
 
 def _detach(value):

@@ -14,6 +14,12 @@ An op with no rule stops every space it touches (reason ``UNSUPPORTED_OP``), and
 rule raises while coupling it (the reason's detail names the node and the error); the trace goes on.
 Rules read their arguments through ``ctx.arg(index, name, default)``, normalised once for all rules in
 ``arguments.py`` (positional or keyword, non-negative dims).
+
+A module rule also declares leafness: fx calls a module with a rule as one node (``call_module``) and
+enters every other module (``tracing.py``). A rule is written for its class's ``forward``; a subclass
+that brings its own ``forward`` (a ``Conv2d`` that standardises its weight first) gets the rule only
+when that ``forward`` is torch's own (``LSTM`` under the ``RNNBase`` rule). A module with
+parametrizations is entered, so its ``parametrizations.<name>`` call shows how the tensor is made.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from dataclasses import dataclass
 
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup"]
+__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup", "module_rule_for", "is_leaf"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,8 @@ def _register(table: dict, keys, rule: OpRule) -> None:
 
 
 def module_rule(*types: type[nn.Module], rewrite=None, fix=None):
-    """Register ``couple`` for module types (subclasses match through the MRO)."""
+    """Register ``couple`` for module types (subclasses match through the MRO, see ``module_rule_for``);
+    modules of these types become fx leaves."""
 
     def deco(couple):
         _register(_MODULES, types, OpRule(couple.__name__, couple, rewrite, fix))
@@ -83,14 +91,39 @@ def method_rule(*names: str, rewrite=None):
     return deco
 
 
+def _forward_owner(mro: tuple[type, ...]) -> type | None:
+    return next((c for c in mro if "forward" in c.__dict__), None)
+
+
+def module_rule_for(module: nn.Module) -> OpRule | None:
+    """The rule registered for the module's class or its nearest base, or None.
+
+    A base's rule describes the base's ``forward``: a subclass that defines its own ``forward``
+    outside torch (user code, timm's ``StdConv2d``) has no rule, so fx enters it.
+    """
+    mro = type(module).__mro__
+    for i, cls in enumerate(mro):
+        rule = _MODULES.get(cls)
+        if rule is None:
+            continue
+        owner = _forward_owner(mro)
+        if owner is None or mro.index(owner) >= i or owner.__module__.split(".")[0] == "torch":
+            return rule
+        return None
+    return None
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether fx should call ``module`` as one node: it has a rule and no parametrization."""
+    if parametrize.is_parametrized(module):
+        return False
+    return module_rule_for(module) is not None
+
+
 def lookup(node: torch.fx.Node, module: nn.Module | None = None) -> OpRule | None:
     """The rule for a node, or None when the op is unknown."""
-    if node.op == "call_module":
-        for cls in type(module).__mro__:
-            rule = _MODULES.get(cls)
-            if rule is not None:
-                return rule
-        return None
+    if node.op == "call_module":  # a parametrized module listed as a leaf: its tensors are computed, no rule fits
+        return None if parametrize.is_parametrized(module) else module_rule_for(module)
     if node.op == "call_function":
         try:
             return _FUNCTIONS.get(node.target)
