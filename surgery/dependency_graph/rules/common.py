@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from ..context import BuildCtx
+from .rotary import rotated_sizes
 
 __all__ = ["op_name", "tensor_args", "unary", "broadcast", "align_reshape", "couple_reshape", "normalize_dims"]
 
@@ -102,8 +103,10 @@ def couple_reshape(ctx: BuildCtx, x: torch.fx.Node, src: tuple, dst: tuple, path
     """Couple the dims of a reshape-like op (view, reshape, flatten, unflatten, squeeze ...).
 
     A run of several dims merged into one (or split from one) maps onto exactly one dim of the run:
-    the one that already reaches a parameter (a channel dim), else the largest, else the outermost.
-    Merging two dims of the same run would fuse every channel into one unit.
+    the one that already reaches a parameter (a channel dim), else the largest, else the outermost;
+    in a model with rotary embeddings, not a dim of the rotated size where another is left (the
+    heads rather than the head dim, ``rotary.py``). Merging two dims of the same run would fuse
+    every channel into one unit.
     """
     blocks = align_reshape(tuple(src), tuple(dst))
     if blocks is None:
@@ -118,18 +121,19 @@ def couple_reshape(ctx: BuildCtx, x: torch.fx.Node, src: tuple, dst: tuple, path
         if len(sj) == 1:  # merge: many src dims -> one dst dim
             sizes = [src[d] for d in si]
             fed = [table.fed[ctx.sp(x, d, path)] for d in si]
-            k = _pick(sizes, fed)
+            k = _pick(sizes, fed, rotated_sizes(ctx))
             whole = ctx.out(sj[0])
             flat = np.arange(math.prod(sizes))
             table.pairs(ctx.sp(x, si[k], path), _coordinate(flat, sizes, k), whole, flat)
         else:  # split: one src dim -> many dst dims
             sizes = [dst[d] for d in sj]
-            k = _pick(sizes, [False] * len(sizes))
+            k = _pick(sizes, [False] * len(sizes), rotated_sizes(ctx))
             whole = ctx.sp(x, si[0], path)
             flat = np.arange(math.prod(sizes))
             table.pairs(whole, flat, ctx.out(sj[k]), _coordinate(flat, sizes, k))
 
 
-def _pick(sizes: list[int], fed: list[bool]) -> int:
+def _pick(sizes: list[int], fed: list[bool], avoid: frozenset[int] = frozenset()) -> int:
     candidates = [i for i, f in enumerate(fed) if f] or list(range(len(sizes)))
+    candidates = [i for i in candidates if sizes[i] not in avoid] or candidates
     return max(candidates, key=lambda i: (sizes[i], -i))

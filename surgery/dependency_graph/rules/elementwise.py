@@ -12,6 +12,7 @@ from ..context import BuildCtx
 from ._registry import function_rule, method_rule, module_rule
 from .common import broadcast, op_name, tensor_args, unary
 from .sizes import size_tuple_arith
+from .statistics import couple_points
 
 _UNARY_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -26,13 +27,14 @@ _UNARY_FUNCTIONS = (
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs,
     torch.neg, torch.clamp, torch.clip, torch.sin, torch.cos, torch.erf, torch.square, torch.reciprocal,
     torch.nn.functional.hardtanh_, operator.neg, operator.pos, torch.clone, torch.sign, torch.floor,
-    torch.ceil, torch.round, torch.nan_to_num,
+    torch.ceil, torch.round, torch.nan_to_num, torch.clamp_min, torch.clamp_max,
 )
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
     "clamp", "clamp_", "clip", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type", "type_as", "cpu", "cuda", "square", "reciprocal", "sign", "floor", "ceil", "round",
-    "requires_grad_", "hardtanh_", "exp_", "nan_to_num",
+    "requires_grad_", "hardtanh_", "exp_", "nan_to_num", "cos", "sin", "clamp_min", "clamp_max", "clamp_min_",
+    "clamp_max_",
 )
 _BINARY_FUNCTIONS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -59,6 +61,7 @@ def elementwise_unary(ctx: BuildCtx) -> None:
 def elementwise_broadcast(ctx: BuildCtx) -> None:
     if isinstance(ctx.out_val(), torch.Tensor):
         broadcast(ctx)
+        couple_points(ctx)
     else:
         size_tuple_arith(ctx)  # ``x.size()[:-1] + (heads, head_dim)``
 

@@ -34,12 +34,19 @@ def batchnorm(ctx: BuildCtx) -> None:
 
 @function_rule(F.batch_norm, F.instance_norm)
 def functional_batchnorm(ctx: BuildCtx) -> None:
+    """Per channel (dim 1). ``F.batch_norm(..., training=True)`` normalises with statistics over
+    every other dim, so those are cross-channel: timm's ``StdConv2d`` standardises its weight as
+    ``batch_norm(w.reshape(1, out, -1), training=True)``, where dim 2 holds the input channels."""
     x = ctx.arg(0, "input")
     ctx.same_dims(x)
     for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
         t = ctx.arg(i, name, None)
         if ctx.is_tensor(t):
             ctx.identity(ctx.sp(t, 0), ctx.out(1))
+    if ctx.node.target is F.batch_norm and ctx.arg(5, "training", False) is not False:
+        for d in range(ctx.val(x).dim()):
+            if d != 1:
+                ctx.cross(ctx.out(d), f"batch_norm statistics over dim {d} ({ctx.node.name}, training=True)")
 
 
 def _couple_layernorm(ctx: BuildCtx, x, k: int, weight, bias) -> None:

@@ -11,18 +11,25 @@ from torch import nn
 from ..context import BuildCtx
 from ._registry import function_rule, method_rule, module_rule
 from .common import normalize_dims, op_name
+from .statistics import mark_statistic
 
 
-@function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm)
+_VECTOR_NORMS = tuple(f for f in (getattr(torch.linalg, "vector_norm", None),) if f is not None)
+
+
+@function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm,
+               *_VECTOR_NORMS)
 @method_rule("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm")
 def reduction(ctx: BuildCtx) -> None:
-    """Non-reduced dims pass through; reduced dims are consumed (stopped)."""
+    """Non-reduced dims pass through; reduced dims are consumed (stopped), unless the result is a
+    statistic broadcast back along them (a hand-written norm, ``statistics.py``): then they are
+    cross-channel."""
     x = ctx.input
     if not ctx.is_tensor(x) or not isinstance(ctx.out_val(), torch.Tensor):
         return
     nd = ctx.val(x).dim()
     name = op_name(ctx.node.target)
-    dim_pos = 2 if name == "norm" else 1
+    dim_pos = 2 if name in ("norm", "vector_norm") else 1
     dims = ctx.arg(dim_pos, "dim", None)
     if isinstance(dims, torch.fx.Node):
         return
@@ -35,6 +42,18 @@ def reduction(ctx: BuildCtx) -> None:
             continue
         ctx.identity(ctx.sp(x, d), ctx.out(o))
         o += 1
+    mark_statistic(ctx, x, reduced, name)
+
+
+@function_rule(F.normalize)
+def normalize(ctx: BuildCtx) -> None:
+    """``F.normalize(x, p, dim)``: ``x`` divided by its norm over ``dim``, a cross-channel statistic."""
+    x = ctx.input
+    dim = ctx.arg(2, "dim", 1)
+    if not ctx.is_tensor(x) or not isinstance(dim, int):
+        return
+    ctx.same_dims(x)
+    ctx.cross(ctx.out(dim), f"F.normalize over dim {dim} ({ctx.node.name})")
 
 
 @function_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)

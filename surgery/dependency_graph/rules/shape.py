@@ -10,6 +10,7 @@ from ..context import BuildCtx, RewriteCtx
 from ._registry import function_rule, method_rule, module_rule
 from .common import couple_reshape, op_name
 from .sizes import couple_size_reads, packed_shape_node, rewrite_packed_shape
+from .statistics import couple_points
 
 # -- reshape family -------------------------------------------------------------------------
 
@@ -68,12 +69,29 @@ def reshape(ctx: BuildCtx) -> None:
 
 
 @function_rule(torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel)
-@method_rule("flatten", "squeeze", "unsqueeze", "ravel", "view_as", "reshape_as", "squeeze_", "unsqueeze_")
+@method_rule("flatten", "squeeze", "unsqueeze", "ravel", "squeeze_", "unsqueeze_")
 @module_rule(nn.Flatten)
 def reshape_no_constants(ctx: BuildCtx) -> None:
     x = ctx.input
     if ctx.is_tensor(x):
         couple_reshape(ctx, x, ctx.shape(x), tuple(ctx.out_val().shape))
+
+
+@method_rule("view_as", "reshape_as")
+def reshape_as(ctx: BuildCtx) -> None:
+    """``x.reshape_as(other)`` takes ``other``'s shape at run time: each output dim keeps as many
+    entries as ``other``'s (timm's ``StdConv2d`` reshapes its standardised weight back with
+    ``reshape_as(self.weight)``); ``other`` is only read."""
+    reshape_no_constants(ctx)
+    other = ctx.arg(1, "other", None)
+    if not ctx.is_tensor(other) or other is ctx.input or ctx.val(other).dim() != ctx.out_val().dim():
+        return
+    table = ctx.table
+    for d in range(ctx.out_val().dim()):
+        out = ctx.out(d)
+        if out in table.touched:  # kept counts agree; a dim the reshape cannot explain stops both
+            table.size_constraints.append((ctx.sp(other, d), out))
+            table.touch(ctx.sp(other, d))
 
 
 def _rewrite_unflatten(ctx: RewriteCtx) -> None:
@@ -167,6 +185,7 @@ def expand(ctx: BuildCtx) -> None:
         if same:
             ctx.identity(ctx.sp(x, d), ctx.out(o))
     couple_size_reads(ctx, _shape_values(ctx.node))
+    couple_points(ctx)  # a statistic expanded back over the dim it summarises
 
 
 @method_rule("expand_as")
