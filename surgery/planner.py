@@ -112,7 +112,8 @@ def _run_method(model, graph, method: str, groups, data, opts: PlanOptions, meth
         if data is None:
             raise PlanError(f"method {method!r} needs calibration data (data=..., CLI --data)")
         exact = None
-        if graph.frontend == "export" and graph.example_inputs and isinstance(graph.example_inputs[0], torch.Tensor):
+        static = getattr(graph.root, "meta", {}).get("surgery_static_batch", True)
+        if graph.frontend == "export" and static and graph.example_inputs and isinstance(graph.example_inputs[0], torch.Tensor):
             exact = int(graph.example_inputs[0].shape[0]) if graph.example_inputs[0].dim() else None
         calibration = Calibration(data, max_batches=opts.calib_batches, exact_batch=exact)
         if m.needs_labels and loss is None and not calibration.has_labels:

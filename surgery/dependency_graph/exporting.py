@@ -313,5 +313,6 @@ def export_module(model: nn.Module, inputs: Sequence) -> torch.fx.GraphModule:
         if reasons:
             got = "fixed to the example's shapes" if static else "dynamic in the batch only"
             warnings.warn(f"the torch.export graph of {type(model).__name__} is {got} ({'; '.join(reasons)})", stacklevel=4)
+        gm.meta["surgery_static_batch"] = static  # calibration batches must then match the example's
         return gm
     raise AssertionError("unreachable: the static try raises or is accepted")
