@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -66,18 +67,28 @@ def group_fingerprint(group: Group) -> str:
 
 
 def _target_name(target) -> str:
-    if isinstance(target, str):
-        return target
+    if isinstance(target, str):  # fx numbers the constants it creates per trace: _tensor_constant0, 1, ...
+        return re.sub(r"^_tensor_constant\d+$", "_tensor_constant", target)
     mod = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__name__
     return f"{mod}.{name}" if mod else str(name)
 
 
+def _computes_tensors(node) -> bool:
+    """Whether a node is part of the tensor computation (not size bookkeeping or an input check,
+    which differ between a static and a dynamic-shape trace of the same model)."""
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor) or node.op in ("placeholder", "output")
+
+
 def graph_signature(graph: DependencyGraph) -> str:
-    """A short hash of the traced graph's ops (node kinds and targets, in order)."""
+    """A short hash of the traced graph's tensor ops (node kinds and targets, in order)."""
     h = hashlib.sha1()
     for n in graph.fx_graph.nodes:
-        h.update(f"{n.op}|{_target_name(n.target)};".encode())
+        if _computes_tensors(n):
+            h.update(f"{n.op}|{_target_name(n.target)};".encode())
     return h.hexdigest()[:16]
 
 

@@ -50,8 +50,8 @@ class _Tracer(torch.fx.Tracer):
     composites (``nn.TransformerEncoderLayer``, ...) included. ``entered`` is the stack of modules
     being entered; after a failed trace it names the modules the failure happened in."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
-        super().__init__()
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
+        super().__init__()  # defaults: torch.load rebuilds a pickled GraphModule with tracer_cls()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
         self.entered: list[tuple[str, nn.Module]] = []
