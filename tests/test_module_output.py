@@ -128,3 +128,30 @@ def test_literal_width_in_forward_falls_back_to_the_graph_with_the_reason():
 def test_unknown_output_is_an_error():
     with pytest.raises(surgery.SurgeryError, match="unknown output 'tree'; known outputs: auto, module, graph"):
         surgery.prune(Custom().eval(), torch.randn(1, 3, 8, 8), output="tree")
+
+
+class Sinusoid(nn.Module):
+    """A tensor made in forward (fx records it as a numbered constant) and a literal width: the
+    result is a GraphModule."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, t):
+        freqs = torch.exp(-torch.arange(4, dtype=torch.float32))
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([args.sin(), args.cos()], -1)
+        return self.b(torch.relu(self.a(emb)).view(-1, 16))
+
+
+def test_plans_replay_on_traces_with_numbered_constants_and_graph_results_pickle():
+    model, t = Sinusoid().eval(), torch.tensor([3, 5])
+    res = surgery.pipeline.run(model, t, "l1", 0.5, output="graph")
+    again = surgery.apply(model, res.plan, output="graph")  # a second trace numbers its constant anew
+    buf = io.BytesIO()
+    torch.save(again, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(t), res.model(t)) and torch.equal(again(t), res.model(t))
