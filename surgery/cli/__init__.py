@@ -17,7 +17,7 @@ work succeeded, and never over the input model.
 
 from __future__ import annotations
 
-from . import prune, sensitivity, inspect  # noqa: F401,I001  (each registers its command, in this order)
+from . import prune, sensitivity, inspect, finetune, train  # noqa: F401,I001  (each registers its command, in this order)
 from ._common import app
 
 __all__ = ["app", "main"]

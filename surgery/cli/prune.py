@@ -36,6 +36,7 @@ def prune(
     output: Annotated[str, typer.Option("--output", help="auto (the model's own class where its forward allows), module, or graph.")] = "auto",
     submodule: Annotated[Optional[str], typer.Option("--submodule", help="Prune only this submodule (e.g. backbone); the whole model is returned.")] = None,
     free_output: Annotated[Optional[list[str]], typer.Option("--free-output", help="Model outputs (module-name patterns) whose channels may shrink (repeatable).")] = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="After pruning, fine-tune this many epochs on --data (SGD, cosine, lr 0.01).")] = 0,
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
@@ -67,6 +68,8 @@ def prune(
             raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(checkpoint.FORMATS)}")
         _check_output(out, model, "output")
         _check_output(plan_out, model, "plan")
+        if finetune_epochs < 0 or (finetune_epochs > 0 and data is None):
+            raise SurgeryError(f"--finetune-epochs needs --data and a count >= 0, got {finetune_epochs}")
         saved = None
         if plan_in is not None:
             try:
@@ -80,6 +83,7 @@ def prune(
             result = run(net, saved.example_inputs() if saved else x, method, ratio, calib, plan=saved, measure=True,
                          output=output, progress=step, **options)
             p, pruned, before, after = result.plan, result.model, result.before, result.after
+            tuned = _finetune(pruned, x, data, finetune_epochs, batch_size, step) if finetune_epochs > 0 else None
             meta = {"source": source, "method": p.method, "ratio": p.ratio, "policy": p.policy, "plan": p.to_dict(),
                     "input_shape": list(p.input_shapes[0]) if p.input_shapes else list(x.shape),
                     "stats": {"before": before.as_dict(), "after": after.as_dict()}}
@@ -94,11 +98,26 @@ def prune(
                 if out is not None and not existed:
                     out.unlink(missing_ok=True)  # all outputs or none
                 raise
+        if tuned is not None:
+            _out.print(f"validation accuracy: pruned {tuned[0]:.4f}, after {finetune_epochs} fine-tuning epoch(s) {tuned[1]:.4f}")
         _print_prune(source, p, before, after, out, plan_out)
         why = getattr(pruned, "meta", {}).get("surgery_output", {}).get("reason") if isinstance(pruned, torch.fx.GraphModule) else None
         _out.print(f"result: a GraphModule ({escape(why)})" if why else f"result: {escape(type(pruned).__name__)}")
 
     _run(debug, work)
+
+
+def _finetune(net, x, data, epochs: int, batch_size: int, step) -> tuple[float, float]:
+    """Fine-tune the pruned model in place (``surgery finetune``'s defaults); accuracy before and after."""
+    from surgery.train import TrainConfig, evaluate, fit
+
+    from .finetune import labelled_data
+
+    train_set, val_set = labelled_data(data, x, 0.2, 0)
+    step(f"fine-tuning {epochs} epoch(s)")
+    acc = evaluate(net, val_set)[0]
+    fit(net, train_set, val_set, TrainConfig(epochs=epochs, lr=0.01, batch_size=batch_size, progress=False))
+    return acc, evaluate(net, val_set)[0]
 
 
 def _save_result(model, out: Path, format: str, meta: dict, example_inputs) -> None:
