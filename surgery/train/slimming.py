@@ -60,7 +60,8 @@ def slimming(model: nn.Module, example_inputs, data, *, sparsity: float = 1e-4, 
 
     Returns ``(pruned, report)``; ``report`` holds the accuracies (validation split, or the training
     data when ``val_split=0``) after sparsity training, after pruning and after fine-tuning, the
-    params / MACs before and after, the number of channels removed and the plan.
+    params / MACs before and after, the number of channels removed, the plan and the sparsity-trained
+    model before pruning (``sparse_model``).
     ``model`` is not modified.
     """
     from ..pipeline import run
@@ -89,6 +90,6 @@ def slimming(model: nn.Module, example_inputs, data, *, sparsity: float = 1e-4, 
         "params": {"before": res.before.params, "after": res.after.params},
         "macs": {"before": res.before.macs, "after": res.after.macs},
         "removed": sum(g.size - len(g.keep) for g in res.plan.groups),
-        "norms": names, "plan": res.plan, "history": {"sparse": hist.epochs, "finetune": ft_hist.epochs if ft_hist else []},
+        "norms": names, "plan": res.plan, "sparse_model": net, "history": {"sparse": hist.epochs, "finetune": ft_hist.epochs if ft_hist else []},
     }
     return pruned, report
