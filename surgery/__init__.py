@@ -16,6 +16,7 @@ from .plan import Plan
 from .rewrite import apply
 from .sensitivity import sensitivity
 from .stats import ModelStats, stats
+from . import train  # noqa: E402,I001  (surgery.train.fit, surgery.train.slimming)
 
 __all__ = [
     "DependencyGraph", "Group", "Member", "ModelStats", "Plan", "Reason", "SurgeryError",
