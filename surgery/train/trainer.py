@@ -2,7 +2,8 @@
 
 Runs unchanged under ``torchrun --nproc_per_node N``: when the launcher's environment is present it
 joins the process group (gloo on CPU, nccl on GPU), wraps the model in DDP and shards each epoch with
-a ``DistributedSampler``; only rank 0 evaluates, writes files and shows progress. Checkpoints hold
+a ``DistributedSampler``; only rank 0 evaluates, writes files and shows progress. BatchNorm uses
+each process's own batch statistics (plain DDP; convert to ``SyncBatchNorm`` yourself on GPU). Checkpoints hold
 state dicts and plain values only, and load with ``torch.load(weights_only=True)``.
 """
 
