@@ -24,6 +24,7 @@ import torch.fx
 
 from ..context import BuildCtx
 from ._registry import lookup
+from .common import op_name
 from .slicing import _index_plan
 
 __all__ = ["broadcast_points", "mark_statistic", "couple_points"]
@@ -33,12 +34,6 @@ _ELEMENTWISE = frozenset({"elementwise_unary", "elementwise_broadcast", "cast_li
 _EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
 _RESHAPES = frozenset({"view", "reshape", "view_as", "reshape_as"})
 _MAX_STEPS = 64
-
-
-def _name(target) -> str:
-    if isinstance(target, str):
-        return target
-    return getattr(target, "__name__", "")
 
 
 _NEW = object()  # a dim an index or unsqueeze inserts
@@ -66,7 +61,7 @@ def _next_origin(user: torch.fx.Node, node: torch.fx.Node, origin: tuple, reduce
     if not isinstance(out, torch.Tensor):
         return None
     value = node.meta["val"]
-    name = _name(user.target)
+    name = op_name(user.target)
     missing = sorted(d for d in reduced if d not in origin)
     if name == "unsqueeze" and user.args and user.args[0] is node:
         dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
