@@ -1,5 +1,5 @@
 """Training: a small loop (``fit``) with method hooks, DDP under torchrun, resumable checkpoints;
-network slimming on top of it.
+network slimming, C-SGD, stripe-wise pruning and Pruning from Scratch on top of it.
 
 >>> import torch
 >>> from surgery.train import TrainConfig, fit
@@ -11,8 +11,10 @@ network slimming on top of it.
 """
 
 from .config import Hooks, TrainConfig, TrainError, lr_factor, param_groups, split
+from .recipes import train_csgd, train_from_scratch, train_swp
 from .slimming import slimmed_norms, slimming, sparsity_hook
 from .trainer import History, evaluate, fit, load_state
 
 __all__ = ["Hooks", "History", "TrainConfig", "TrainError", "evaluate", "fit", "load_state", "lr_factor",
-           "param_groups", "slimmed_norms", "slimming", "sparsity_hook", "split"]
+           "param_groups", "slimmed_norms", "slimming", "sparsity_hook", "split", "train_csgd", "train_from_scratch",
+           "train_swp"]

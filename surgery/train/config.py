@@ -87,11 +87,17 @@ class Hooks:
     ``after_backward(model)``: rewrite gradients (after the DDP all-reduce, before the step).
     ``regulariser(model) -> tensor``: added to the loss before backward.
     ``after_step(model)``: projection, clamping or masking after every optimiser step.
+    ``no_decay``: parameter names that get no optimizer weight decay; ``on_optimizer(opt)``: sees the
+    optimizer once it exists.
     """
 
     after_backward: Callable[[nn.Module], None] | None = None
     regulariser: Callable[[nn.Module], torch.Tensor] | None = None
     after_step: Callable[[nn.Module], None] | None = None
+    #: qualified names of parameters whose weight decay a method handles itself (C-SGD's decay matrix)
+    no_decay: frozenset = frozenset()
+    #: called once with the optimizer the loop made (SWP clears the momentum of masked entries)
+    on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -109,15 +115,17 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with ``weight_decay``; biases and norm-layer parameters with none."""
+def param_groups(model: nn.Module, weight_decay: float, exclude=frozenset()) -> list[dict]:
+    """Two groups: weights with ``weight_decay``; biases, norm-layer parameters and the parameters
+    named in ``exclude`` with none."""
     decay, no_decay, seen = [], [], set()
-    for module in model.modules():
+    for mname, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if isinstance(module, _NORMS) or name == "bias" else decay).append(p)
+            full = f"{mname}.{name}" if mname else name
+            (no_decay if isinstance(module, _NORMS) or name == "bias" or full in exclude else decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
             if g["params"]]
 

@@ -125,7 +125,9 @@ def _fit(model, x, y, val, cfg: TrainConfig, hooks: Hooks, rank: int, world: int
     steps_per_epoch = len(loader)
     opt_cls = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
     kw = dict(momentum=cfg.momentum, nesterov=cfg.nesterov) if cfg.optimizer == "sgd" else dict(betas=cfg.betas)
-    opt = opt_cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, **kw)
+    opt = opt_cls(param_groups(model, cfg.weight_decay, hooks.no_decay), lr=cfg.lr, **kw)
+    if hooks.on_optimizer is not None:
+        hooks.on_optimizer(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg))
     hist, start = History(), 0
     if cfg.resume:

@@ -1,0 +1,127 @@
+"""Training recipes that end in a pruned model, each on :func:`~surgery.train.fit`:
+
+* ``train_csgd``: cluster every prunable group to its target width, train with the centripetal gradient
+  (``csgd.Centripetal``; the optimizer's weight decay off for the constrained tensors, which carry it
+  in the decay matrix), merge each cluster into its first member (0/1 fold, members averaged first),
+  fine-tune.
+* ``train_swp``: train with filter skeletons (``swp.SkeletonHook``: L1 on the skeleton, threshold
+  re-mask after every step with the masked momentum cleared), then run each conv as a ``StripeConv``
+  of its live stripes.
+* ``train_from_scratch``: learn channel gates on the frozen network and plan to a MACs target
+  (``method="from-scratch"``), then re-initialise the pruned architecture and train it from scratch
+  (``budget_train`` scales the epochs by ``1 / (MACs kept)``, Scratch-B).
+
+Each returns ``(pruned model, report)``: accuracies (validation split, or the training data when
+``val_split=0``), params and MACs before and after, the plan or stripe counts. ``model`` is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+from torch import nn
+
+from ..dependency_graph import trace as trace_graph
+from ..stats import stats
+from .config import Hooks, TrainConfig, TrainError, split
+from .csgd import Centripetal, cluster, merge_plan
+from .swp import SkeletonHook, add_skeletons, stripe_counts, to_stripes
+from .trainer import evaluate, fit
+
+__all__ = ["train_csgd", "train_swp", "train_from_scratch"]
+
+
+def _sets(data, val_split: float, seed: int):
+    x, y = data if isinstance(data, tuple) else (data, None)
+    if y is None:
+        raise TrainError("training needs labels: data = (x, y)")
+    train_set, val_set = split(x, y, val_split, seed)
+    return train_set, val_set, val_set or train_set
+
+
+def _finetune(model, train_set, val_set, config: TrainConfig, epochs: int):
+    return fit(model, train_set, val_set, dataclasses.replace(config, epochs=epochs)).epochs if epochs > 0 else []
+
+
+def train_csgd(model: nn.Module, example_inputs, data, *, ratio: float = 0.5, eps: float = 3e-3, clusters: str = "kmeans",
+         epochs: int = 10, finetune_epochs: int = 0, config: TrainConfig = TrainConfig(), val_split: float = 0.2,
+         seed: int = 0, average: bool = True):
+    """Centripetal SGD: every prunable group (cross-channel ones excepted) keeps ``size - int(ratio*size)``
+    clusters; ``eps`` is the centripetal strength; the optimizer's weight decay is the decay
+    matrix's ``eta`` for the constrained tensors."""
+    from ..rewrite import apply
+
+    train_set, val_set, probe = _sets(data, val_split, seed)
+    net = copy.deepcopy(model).eval()
+    graph = trace_graph(net, example_inputs)
+    groups = [g for g in graph.groups if g.prunable and not g.cross_channel]
+    if not groups:
+        raise TrainError("C-SGD needs prunable groups; this model has none")
+    keep = {g.id: max(1, g.size - int(ratio * g.size)) for g in groups}
+    cl = cluster(graph, groups, keep, how=clusters, seed=seed)
+    rule = Centripetal(graph, cl, eps=eps, weight_decay=config.weight_decay)
+    hist = fit(net, train_set, val_set, dataclasses.replace(config, epochs=epochs),
+               Hooks(after_backward=rule.after_backward, no_decay=frozenset(rule.parameter_names())))
+    acc_trained = evaluate(net, probe)[0]
+    target, plan = merge_plan(net, graph, cl, average=average)
+    pruned = apply(target, plan)
+    acc_merged = evaluate(pruned, probe)[0]
+    ft = _finetune(pruned, train_set, val_set, config, finetune_epochs)
+    before, after = stats(model, example_inputs), stats(pruned, example_inputs)
+    return pruned, {
+        "accuracy": {"trained": acc_trained, "pruned": acc_merged, "finetuned": evaluate(pruned, probe)[0]},
+        "params": {"before": before.params, "after": after.params}, "macs": {"before": before.macs, "after": after.macs},
+        "plan": plan, "history": {"train": hist.epochs, "finetune": ft},
+    }
+
+
+def train_swp(model: nn.Module, example_inputs, data, *, alpha: float = 1e-5, delta: float = 0.01, epochs: int = 10,
+        config: TrainConfig = TrainConfig(), val_split: float = 0.2, seed: int = 0):
+    """Stripe-wise pruning: skeleton training (``alpha`` L1 strength, ``delta`` threshold), then
+    stripe convolutions. MACs are counted by stripes."""
+    train_set, val_set, probe = _sets(data, val_split, seed)
+    net = add_skeletons(model)
+    hook = SkeletonHook(net, alpha=alpha, delta=delta)
+    if not hook.skeletons:
+        raise TrainError("stripe-wise pruning needs 2-D convolutions with a kernel larger than 1x1 and groups=1")
+    hist = fit(net, train_set, val_set, dataclasses.replace(config, epochs=epochs),
+               Hooks(after_backward=hook.after_backward, after_step=hook.after_step,
+                     on_optimizer=lambda opt: setattr(hook, "optimizer", opt)))
+    acc_trained = evaluate(net, probe)[0]
+    pruned = to_stripes(net).eval()
+    before, after = stats(model, example_inputs), stats(pruned, example_inputs)
+    return pruned, {
+        "accuracy": {"trained": acc_trained, "pruned": evaluate(pruned, probe)[0]},
+        "params": {"before": before.params, "after": after.params}, "macs": {"before": before.macs, "after": after.macs},
+        "stripes": stripe_counts(net), "history": {"train": hist.epochs},
+    }
+
+
+def _reinitialise(model: nn.Module) -> None:
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def train_from_scratch(model: nn.Module, example_inputs, data, *, target_macs: float = 0.5, gate_epochs: int = 10,
+                 epochs: int = 10, budget_train: bool = False, config: TrainConfig = TrainConfig(),
+                 val_split: float = 0.2, seed: int = 0, **gate_options):
+    """Pruning from Scratch: gates learned on the frozen network choose the architecture at
+    ``target_macs``; the pruned model is re-initialised and trained (Scratch-B with ``budget_train``)."""
+    from ..pipeline import run
+
+    train_set, val_set, probe = _sets(data, val_split, seed)
+    res = run(model, example_inputs, "from-scratch", 0.5, train_set, target_macs=target_macs, epochs=gate_epochs,
+              seed=seed, measure=True, **gate_options)
+    pruned = res.model
+    _reinitialise(pruned)
+    kept = res.after.macs / max(res.before.macs, 1)
+    n = math.ceil(epochs / kept) if budget_train else epochs
+    hist = fit(pruned, train_set, val_set, dataclasses.replace(config, epochs=n))
+    return pruned, {
+        "accuracy": {"trained": evaluate(pruned, probe)[0]}, "epochs": n,
+        "params": {"before": res.before.params, "after": res.after.params},
+        "macs": {"before": res.before.macs, "after": res.after.macs}, "plan": res.plan, "history": {"train": hist.epochs},
+    }
