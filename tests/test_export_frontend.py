@@ -81,3 +81,23 @@ def test_data_methods_on_the_export_front_end_take_any_batch_size(method):
     loss = (lambda out, y: out.float().mean(dim=tuple(range(1, out.dim()))).sum()) if method == "taylor" else None
     plan, _, _ = check_pruned_equals_masked(model, x, method, 0.5, data=data, loss=loss, output="graph")
     assert plan.groups and surgery.trace(model, x).frontend == "export"
+
+
+def test_hand_written_layer_norm_is_cross_channel_on_the_export_front_end():
+    """aten std / clamp_min map to the same rules as their torch functions."""
+
+    class LN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            if x.shape[-1] > 4:  # Python control flow on a shape: fx cannot trace it
+                x = x * 1.0
+            h = self.a(x)
+            h = (h - h.mean(-1, keepdim=True)) / h.std(-1, keepdim=True).clamp_min(1e-5)
+            return self.b(h)
+
+    g = surgery.trace(LN().eval(), torch.randn(2, 3, 8))
+    (hidden,) = [x for x in g.groups if x.size == 16]
+    assert g.frontend == "export" and hidden.prunable and "std over dim 2" in hidden.cross_channel

@@ -43,7 +43,7 @@ function_rule(*_ops("embedding"), aliases={"indices": "input"})(linear.functiona
 function_rule(*_ops(
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_", "hardsigmoid",
     "hardtanh", "hardtanh_", "dropout", "clone", "alias", "detach", "elu", "leaky_relu", "mish", "exp", "neg",
-    "sqrt", "rsqrt", "abs", "clamp", "_to_copy", "contiguous", "to.dtype", "to.dtype_layout", "to.device",
+    "sqrt", "rsqrt", "abs", "clamp", "clamp_min", "clamp_max", "cos", "sin", "_to_copy", "contiguous", "to.dtype", "to.dtype_layout", "to.device",
     "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
     "feature_alpha_dropout_",
 ))(elementwise.elementwise_unary)
@@ -98,7 +98,8 @@ function_rule(*_ops(
     "replication_pad3d",
 ), aliases={"padding": "pad"})(pooling.pad)
 
-function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin"))(reduce.reduction)
+function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin", "std.dim", "std.correction", "var.dim",
+                    "var.correction", "logsumexp", "linalg_vector_norm"))(reduce.reduction)
 function_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)
 function_rule(*_ops("matmul", "bmm", "mm"))(reduce.matmul)
 function_rule(*_ops("scaled_dot_product_attention"))(reduce.sdpa)
