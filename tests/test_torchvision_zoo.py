@@ -66,11 +66,13 @@ def test_pruned_equals_masked(name):
             surgery.trace(*build(name))
         return
     model, x = build(name)
-    plan, pruned, _ = check_pruned_equals_masked(model, x, method="group-l1", ratio=0.5)
+    # the rewrite law on the GraphModule; the user's-class output is tested in test_module_output.py and
+    # swept by bench/families.py (building and checking it for all 80 models would double this test)
+    plan, pruned, _ = check_pruned_equals_masked(model, x, method="group-l1", ratio=0.5, output="graph")
     assert plan.groups, f"{name}: no prunable group"
     if any(g.prunable and g.cross_channel for g in surgery.trace(pruned, x).groups):
         # pruning the cross-channel groups too still gives a valid smaller model with the same output shape
-        full = surgery.prune(model, x, method="group-l1", ratio=0.5)
+        full = surgery.prune(model, x, method="group-l1", ratio=0.5, output="graph")
         with torch.no_grad():
             assert full(x).shape == model(x).shape
         assert n_params(full) < n_params(pruned)
