@@ -29,21 +29,14 @@ from readme_section import replace_section  # noqa: E402
 
 import surgery  # noqa: E402
 from surgery.coverage import coverage  # noqa: E402
+from surgery.module_tree import output_tensors  # noqa: E402
 from surgery.pipeline import run  # noqa: E402
 
 
-def _flat(y):
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, (list, tuple)):
-        return [t for v in y for t in _flat(v)]
-    if isinstance(y, dict):
-        return [t for v in y.values() for t in _flat(v)]
-    return []
 
 
 def _rel(a, b) -> float:
-    return max((float((x - y).norm() / y.norm().clamp_min(1e-12)) for x, y in zip(_flat(a), _flat(b))), default=0.0)
+    return max((float((x - y).norm() / y.norm().clamp_min(1e-12)) for x, y in zip(output_tensors(a), output_tensors(b))), default=0.0)
 
 
 def one(name: str) -> dict:
@@ -76,7 +69,7 @@ def one(name: str) -> dict:
         buf.seek(0)
         back = torch.load(buf, weights_only=False)
         with torch.no_grad():
-            same = all(torch.equal(a, b) for a, b in zip(_flat(back(*x)), _flat(pruned(*x))))
+            same = all(torch.equal(a, b) for a, b in zip(output_tensors(back(*x)), output_tensors(pruned(*x))))
         row["save/load"] = "identical" if same else "differs"
     except Exception as exc:  # noqa: BLE001
         row["save/load"] = f"fails: {type(exc).__name__}"

@@ -29,6 +29,7 @@ import zoo_models  # noqa: E402
 
 import surgery  # noqa: E402
 from surgery.coverage import coverage  # noqa: E402
+from surgery.module_tree import output_tensors  # noqa: E402
 from surgery.errors import SurgeryError, TraceError  # noqa: E402
 from surgery.pipeline import run  # noqa: E402
 from surgery.rewrite import apply_to_graph  # noqa: E402
@@ -36,14 +37,6 @@ from surgery.rewrite import apply_to_graph  # noqa: E402
 TOL = 1e-4
 
 
-def _flat(y) -> list[torch.Tensor]:
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, (tuple, list)):
-        return [t for v in y for t in _flat(v)]
-    if isinstance(y, dict):
-        return [t for v in y.values() for t in _flat(v)]
-    return []
 
 
 def _line(exc: BaseException) -> str:
@@ -113,7 +106,7 @@ def check(spec: dict) -> dict:
         with torch.no_grad():
             y0, y1, y2 = model(*inputs), pruned(*inputs), masked(*inputs)
         problems, rel = [], 0.0
-        for a, b, c in zip(_flat(y0), _flat(y1), _flat(y2), strict=True):
+        for a, b, c in zip(output_tensors(y0), output_tensors(y1), output_tensors(y2), strict=True):
             if b.shape != a.shape:
                 problems.append(f"output shape {tuple(a.shape)} -> {tuple(b.shape)}")
             elif c.shape == b.shape:

@@ -26,7 +26,7 @@ from .dependency_graph.context import RewriteCtx
 from .dependency_graph.rules import lookup
 from .dependency_graph.tracing import eval_mode
 
-__all__ = ["build", "check", "refresh_attributes"]
+__all__ = ["build", "check", "refresh_attributes", "output_tensors"]
 
 
 def _owner(model: nn.Module, owner: str) -> nn.Module:
@@ -110,14 +110,15 @@ def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, f
     return out, ""
 
 
-def _flat(y) -> list[torch.Tensor]:
+def output_tensors(y) -> list[torch.Tensor]:
+    """Every tensor of a model's output (nested tuples, lists, dicts, dataclasses), in order."""
     if isinstance(y, torch.Tensor):
         return [y]
     if isinstance(y, (tuple, list)):
-        return [t for v in y for t in _flat(v)]
+        return [t for v in y for t in output_tensors(v)]
     if isinstance(y, dict):
-        return [t for v in y.values() for t in _flat(v)]
-    return [t for v in getattr(y, "__dict__", {}).values() for t in _flat(v)] if hasattr(y, "__dataclass_fields__") else []
+        return [t for v in y.values() for t in output_tensors(v)]
+    return [t for v in getattr(y, "__dict__", {}).values() for t in output_tensors(v)] if hasattr(y, "__dataclass_fields__") else []
 
 
 def _probe(inputs: tuple, batch: int) -> tuple:
@@ -145,13 +146,13 @@ def check(candidate: nn.Module, reference: nn.Module, inputs: tuple, tol: float 
     for batch in (1, 2):
         probe = _probe(inputs, batch)
         try:
-            want = _flat(_run(reference, probe))
+            want = output_tensors(_run(reference, probe))
         except Exception:
             if batch == 1:
                 return ""  # nothing to compare against
             continue  # the graph result is shape-locked; the module result is checked at batch 1
         try:
-            got = _flat(_run(candidate, probe))
+            got = output_tensors(_run(candidate, probe))
         except Exception as exc:
             return f"the model's own forward fails on the pruned widths ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         if len(got) != len(want):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.module_tree import output_tensors
 from surgery.pipeline import run
 from surgery.rewrite import apply_to_graph
 
@@ -29,14 +30,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _flat(y):
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, (tuple, list)):
-        return [t for v in y for t in _flat(v)]
-    if isinstance(y, dict):
-        return [t for v in y.values() for t in _flat(v)]
-    return []
 
 
 def check_pruned_equals_masked(model: nn.Module, x, method: str = "group-l1", ratio: float = 0.5, tol: float = 1e-4,
@@ -58,7 +51,7 @@ def check_pruned_equals_masked(model: nn.Module, x, method: str = "group-l1", ra
     masked = apply_to_graph(result.graph, plan, mode="mask")
     with torch.no_grad():
         y0, y1, y2 = model(*inputs), pruned(*inputs), masked(*inputs)
-    for a, b, c in zip(_flat(y0), _flat(y1), _flat(y2), strict=True):
+    for a, b, c in zip(output_tensors(y0), output_tensors(y1), output_tensors(y2), strict=True):
         assert b.shape == a.shape, f"output shape changed: {tuple(a.shape)} -> {tuple(b.shape)}"
         assert rel_err(b, c) < tol, f"pruned != masked: rel err {rel_err(b, c):.2e}"
     if plan.groups and expect_fewer_params:
