@@ -52,13 +52,24 @@ def normalized(row: dict) -> dict:
     return row
 
 
-def snapshot(rev: str) -> tuple[Path, str]:
-    """``surgery/`` as of commit ``rev``, unpacked in a temporary folder, and the commit's hash: a
-    long sweep on a working tree that others edit measures one version of the code."""
+HARNESS = ("bench/zoo_check.py", "bench/zoo_models.py")
+
+
+def snapshot(rev: str) -> tuple[Path, str | None]:
+    """A folder with the per-model harness (``bench/zoo_check.py``, ``bench/zoo_models.py``) and, for a
+    commit ``rev``, ``surgery/`` as of that commit (the harness then comes from it too), and the
+    commit's hash. A long sweep on a working tree that others edit then runs one version of the code
+    throughout; without ``rev`` the harness is copied as it is now and ``surgery`` is the installed one."""
+    where = Path(tempfile.mkdtemp(prefix="zoo-sweep-"))
+    if not rev:
+        (where / "bench").mkdir()
+        for f in HARNESS:
+            shutil.copy(ROOT / f, where / f)
+        return where, None
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
                             capture_output=True, text=True).stdout.strip()
-    where = Path(tempfile.mkdtemp(prefix=f"zoo-surgery-{commit[:8]}-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "surgery"], check=True, capture_output=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "surgery", *HARNESS], check=True,
+                             capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
     return where, commit
 
@@ -71,14 +82,16 @@ def source_note(commit: str | None) -> str:
     return f"surgery working tree at {head}{' with uncommitted changes' if dirty.strip() else ''}"
 
 
-def run_one(spec: dict, timeout: float, mem_gb: float, source: Path | None = None) -> dict:
-    """Check one model in a child process; a timeout or a dead child becomes a row too."""
+def run_one(spec: dict, timeout: float, mem_gb: float, source: Path | None = None, at_commit: bool = False) -> dict:
+    """Check one model in a child process; a timeout or a dead child becomes a row too. ``source``
+    holds the harness (and ``surgery/`` when ``at_commit``), see ``snapshot``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if source is not None:
+    if at_commit:
         env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
+    script = (source or ROOT) / "bench" / "zoo_check.py"
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(HERE / "zoo_check.py"), json.dumps(spec)], capture_output=True,
+        proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], capture_output=True,
                               text=True, timeout=timeout, env=env, preexec_fn=_limit(int(mem_gb * 2**30)))
     except subprocess.TimeoutExpired:
         return {**spec, "status": "timeout", "error": f"over {timeout:.0f} s", "seconds": round(time.perf_counter() - t0, 1)}
@@ -180,7 +193,7 @@ def _versions() -> dict:
 
 
 def sweep(zoo: str, specs: list[dict], out: Path, timeout: float, mem_gb: float, resume: bool,
-          source: Path | None = None, note: str = "") -> list[dict]:
+          source: Path | None = None, note: str = "", at_commit: bool = False) -> list[dict]:
     done = {}
     if resume and out.exists():
         done = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
@@ -189,7 +202,7 @@ def sweep(zoo: str, specs: list[dict], out: Path, timeout: float, mem_gb: float,
     prior = json.loads(out.read_text()).get("wall_seconds", 0) if resume and out.exists() else 0
     print(f"## {zoo}: {len(specs)} models ({note})\n\n{HEADER}", flush=True)
     for i, spec in enumerate(specs, 1):
-        row = normalized(done.get(spec["name"]) or run_one(spec, timeout, mem_gb, source))
+        row = normalized(done.get(spec["name"]) or run_one(spec, timeout, mem_gb, source, at_commit))
         rows.append(row)
         print(table_line(row), flush=True)
         print(f"[{i}/{len(specs)}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -220,7 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=180, help="seconds per model (default 180)")
     ap.add_argument("--mem-gb", type=float, default=8, help="address-space cap per model process (default 8)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
-    ap.add_argument("--at", default="", metavar="REV", help="sweep surgery/ as of this commit (e.g. HEAD), not the working tree")
+    ap.add_argument("--at", default="", metavar="REV",
+                    help="sweep surgery/ (and the harness) as of this commit, e.g. HEAD, not the working tree")
     ap.add_argument("--readme", action="store_true", help="write the stored full results' summary into README.md")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -229,7 +243,7 @@ def main(argv=None) -> int:
         zoos = ["torchvision"]
     families = [f for f in args.families.split(",") if f]
     failed = 0
-    source, commit = snapshot(args.at) if args.at and zoos else (None, None)
+    source, commit = snapshot(args.at) if zoos else (None, None)
     note = source_note(commit) if zoos else ""
     try:
         for zoo in zoos:
@@ -266,7 +280,7 @@ def _sweep_zoo(zoo: str, args, families: list[str], source: Path | None, note: s
         specs = specs[: args.limit]
     partial = bool(args.models or families or args.limit or args.quick)
     out = RESULTS / f"zoo-{zoo}{'-partial' if partial else ''}.json"
-    rows = sweep(zoo, specs, out, args.timeout, args.mem_gb, args.resume, source, note)
+    rows = sweep(zoo, specs, out, args.timeout, args.mem_gb, args.resume, source, note, bool(args.at))
     return sum(r["status"] in ("mismatch", "crash") for r in rows)
 
 
