@@ -141,13 +141,16 @@ def summary_text(title: str, rows: list[dict], wall: float | None) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in s["counts"].items() if v)
     n = s["models"]
     pct = 100 * s["share_ge_0.9"] / n if n else 0
+    fronts = {f: sum(r.get("frontend") == f for r in rows) for f in ("fx", "export")}
+    traced = ", ".join(f"{v} {k}" for k, v in fronts.items() if v)
     out = [f"**{title}**: {n} models{f' in {wall / 60:.0f} min' if wall else ''}: {counts}; "
-           f"share of parameters prunable >= 0.9 in {s['share_ge_0.9']} ({pct:.0f}%)."]
+           f"share of parameters prunable >= 0.9 in {s['share_ge_0.9']} ({pct:.0f}%); traced by {traced or 'none'}."]
     if s["below"]:
         out += ["", "| below 0.9 | share | status | top blocker (reason, op) |", "|---|---|---|---|"]
         for r in sorted(s["below"], key=lambda r: r.get("share", -1)):
             share = f"{r['share']:.2f}" if "share" in r else "-"
-            why = _blocker(r) or (r.get("error") or "")[:100].replace("|", "/")
+            short = {"out of memory": "an allocation failed under the memory cap", "timeout": r.get("error", "")}
+            why = _blocker(r) or short.get(r["status"]) or (r.get("error") or "")[:100].replace("|", "/")
             out.append(f"| {_label(r)} | {share} | {r['status']} | {why} |")
     return "\n".join(out)
 
