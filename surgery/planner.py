@@ -25,7 +25,7 @@ from .methods import ScoreContext, Scores, get_method
 from .methods._registry import unknown_name
 from .plan import GroupPlan, Plan, check_ratio, graph_signature, group_fingerprint
 
-__all__ = ["PlanOptions", "split_options", "plan_from_graph", "leaf_names"]
+__all__ = ["PlanOptions", "split_options", "plan_from_graph", "leaf_names", "score_groups", "build_plan"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ def split_options(method: str, options: dict) -> tuple[PlanOptions, dict]:
     return PlanOptions(**plan_kw).check(), resolved
 
 
-def _run_method(model, graph, method: str, groups, data, opts: PlanOptions, method_opts: dict, loss, progress) -> Scores:
+def score_groups(model, graph, method: str, groups, data, opts: PlanOptions, method_opts: dict, loss, progress) -> Scores:
+    """Run ``method`` on ``groups`` (calibration data prepared per its needs); scores checked."""
     m = get_method(method)
     calibration = None
     if m.needs_data:
@@ -145,8 +146,10 @@ def _select(groups, scores: dict, ratio: float, opts: PlanOptions, normalize: st
     return policies.round_kept(groups, scores, removed, opts.round_to)
 
 
-def _build(graph, method: str, ratio: float, policy: str, opts: PlanOptions, method_opts: dict, scores: Scores,
-           removed: dict, leaves: tuple[str, ...]) -> Plan:
+def build_plan(graph, method: str, ratio: float, policy: str, opts: PlanOptions, method_opts: dict, scores: Scores,
+               removed: dict, leaves: tuple[str, ...]) -> Plan:
+    """The :class:`Plan` for ``removed`` (``{gid: channel indices}``), with folds from ``scores.fold``,
+    the recorded options, fingerprints and the graph signature."""
     plans = []
     for g in graph.groups:
         gone = set(np.asarray(removed.get(g.id, ()), dtype=np.int64).tolist())
@@ -193,7 +196,7 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
     m = get_method(method)
     leaves = leaf_names(model, opts.leaf_modules)
     groups = [g for g in graph.groups if g.prunable and not (opts.skip_cross_channel and g.cross_channel)]
-    scores = _run_method(model, graph, method, groups, data, opts, method_opts, loss, progress)
+    scores = score_groups(model, graph, method, groups, data, opts, method_opts, loss, progress)
     normalize = opts.normalize or m.normalize
     policy = opts.policy or ("global" if opts.target_macs is not None else "local")
     if opts.target_macs is not None and macs_of is None:
@@ -203,7 +206,7 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
         try:
             if opts.target_macs is None:
                 removed = _select(scored, scores.scores, ratio, opts, normalize, None)
-                plan = _build(graph, method, ratio, policy, opts, method_opts, scores, removed, leaves)
+                plan = build_plan(graph, method, ratio, policy, opts, method_opts, scores, removed, leaves)
             else:
                 plan = _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of)
             if verify is not None and plan.groups:
@@ -215,7 +218,7 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
 
 
 def _one_group(graph, gp: GroupPlan, method, ratio, policy, opts, method_opts, leaves) -> Plan:
-    base = _build(graph, method, ratio, policy, opts, method_opts, Scores({}), {}, leaves)
+    base = build_plan(graph, method, ratio, policy, opts, method_opts, Scores({}), {}, leaves)
     return dataclasses.replace(base, groups=(gp,))
 
 
@@ -240,7 +243,7 @@ def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored
     Global policy: over the number of channels removed across groups; local: over the uniform ratio
     (in steps of 1/1000). Returns the closest plan seen, not the last one tried."""
     target = float(opts.target_macs)
-    base = macs_of(_build(graph, method, ratio, policy, opts, method_opts, scores, {}, leaves))
+    base = macs_of(build_plan(graph, method, ratio, policy, opts, method_opts, scores, {}, leaves))
     if base <= 0:
         raise PlanError("the model has no MACs to reduce")
     glob = policy == "global"
@@ -252,7 +255,7 @@ def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored
             break
         mid = (lo + hi) // 2
         removed = _select(scored, scores.scores, mid / 1000 if not glob else ratio, opts, normalize, mid if glob else None)
-        p = _build(graph, method, (mid / 1000) if not glob else ratio, policy, opts, method_opts, scores, removed, leaves)
+        p = build_plan(graph, method, (mid / 1000) if not glob else ratio, policy, opts, method_opts, scores, removed, leaves)
         frac = macs_of(p) / base
         if best is None or abs(frac - target) < best[0]:
             best = (abs(frac - target), p)

@@ -51,7 +51,7 @@ from .dependency_graph import DependencyGraph, Group
 from .dependency_graph import trace as trace_graph
 from .dependency_graph.tracing import eval_mode, normalize_inputs
 from .errors import PlanError, SurgeryError
-from .planner import _build, _run_method, leaf_names, split_options
+from .planner import build_plan, leaf_names, score_groups, split_options
 from .plan import check_ratio
 from .rewrite import apply_to_graph
 from .sensitivity_report import CSV_HEADER, SensitivityResult, SensitivityRow
@@ -234,7 +234,7 @@ def sensitivity(model: nn.Module, example_inputs, data, ratios: Iterable[float] 
     candidates = [g for g in graph.groups if g.prunable and not (opts.skip_cross_channel and g.cross_channel)]
     chosen = _select_groups(graph, candidates, groups)
     step(f"scoring channels with {method}")
-    scores = _run_method(model, graph, method, chosen, _replay(batches, calibration), opts, method_opts, loss, progress)
+    scores = score_groups(model, graph, method, chosen, _replay(batches, calibration), opts, method_opts, loss, progress)
     skipped = {gid: why for gid, why in scores.skipped.items()}
     scored = [g for g in chosen if g.id in scores.scores]
     for g in chosen:
@@ -258,7 +258,7 @@ def sensitivity(model: nn.Module, example_inputs, data, ratios: Iterable[float] 
             if n not in by_count:
                 done += 1
                 step(f"[{done}/{total}] {g.label}: {n} of {g.size} channels removed")
-                p = _build(graph, method, r, "local", opts, method_opts, scores, removed, leaves)
+                p = build_plan(graph, method, r, "local", opts, method_opts, scores, removed, leaves)
                 pruned = apply_to_graph(graph, p, "prune").eval()
                 by_count[n] = meter.measure(pruned)
                 del pruned

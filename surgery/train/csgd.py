@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from ..dependency_graph import DependencyGraph, Group, Member
-from ..plan import GroupPlan, Plan, graph_signature, group_fingerprint
+from ..methods.context import Scores
+from ..plan import Plan
+from ..planner import PlanOptions, build_plan
 from ..roles import consumers, producers
 
 __all__ = ["even_clusters", "kmeans_clusters", "cluster", "Centripetal", "merge_plan", "merge_matrix", "deviation"]
@@ -219,21 +221,17 @@ def merge_plan(model: nn.Module, graph: DependencyGraph, clusters: dict[int, lis
                             for pos in range(len(blocks[0])):
                                 idx = torch.tensor([b[pos] for b in blocks])
                                 moved[blocks[0][pos]] = moved[idx].mean(0)
-    groups = []
+    folds: dict[int, np.ndarray] = {}
+    removed: dict[int, np.ndarray] = {}
     for gid, cl in clusters.items():
-        g = graph.groups[gid]
-        keep = tuple(int(c[0]) for c in cl)
-        if len(keep) == g.size:
+        size = graph.groups[gid].size
+        if len(cl) == size:
             continue
-        fold = np.zeros((len(keep), g.size))
+        fold = np.zeros((len(cl), size))
         for k, c in enumerate(cl):
             fold[k, c] = 1.0
-        groups.append(GroupPlan(gid, g.size, keep, g.label, GroupPlan.sparse(fold)))
-    groups.sort(key=lambda gp: gp.id)
-    inputs = graph.example_inputs
-    plan = Plan(method="csgd", policy="clusters", ratio=0.0,
-                input_shapes=tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)),
-                input_dtypes=tuple(str(x.dtype) for x in inputs if isinstance(x, torch.Tensor)),
-                groups=tuple(groups), n_groups=len(graph.groups), options={"average": average},
-                fingerprints=tuple(group_fingerprint(g) for g in graph.groups), signature=graph_signature(graph))
+        folds[gid] = fold
+        removed[gid] = np.setdiff1d(np.arange(size), [int(c[0]) for c in cl])
+    plan = build_plan(graph, "csgd", 0.0, "clusters", PlanOptions(), {"average": average},
+                      Scores({}, fold=lambda gid, keep: folds[gid]), removed, ())
     return target, plan
