@@ -1,7 +1,7 @@
 """Tiny random Hugging Face models for the transformer tests (built offline from configs, no downloads).
 
-Every builder returns a seeded model in eval mode with ``use_cache=False`` (a ``DynamicCache`` output
-cannot be exported). ``example_inputs(name)`` gives matching inputs. Importing this module needs
+Every builder returns a model with a task head (so the hidden size is not a model output), seeded,
+in eval mode, with ``use_cache=False`` (a ``DynamicCache`` output cannot be exported). ``example_inputs(name)`` gives matching inputs. Importing this module needs
 ``transformers``: call ``pytest.importorskip("transformers")`` before importing it from a test.
 
     from hf_models import HF_MODELS, example_inputs  # tests/ on sys.path, as for helpers.py
@@ -90,27 +90,28 @@ def tiny_gpt2(seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def tiny_bert(seed: int = 0, **overrides) -> torch.nn.Module:
-    """BertModel (post-LayerNorm encoder with pooler), 4 heads, hidden 64, 2 layers."""
+    """BertForSequenceClassification (post-LayerNorm encoder, pooler, 3 labels), 4 heads, hidden 64, 2 layers."""
     kw = dict(vocab_size=VOCAB, hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
-              intermediate_size=_INTERMEDIATE, max_position_embeddings=64, type_vocab_size=2)
+              intermediate_size=_INTERMEDIATE, max_position_embeddings=64, type_vocab_size=2, num_labels=3)
     cfg = transformers.BertConfig(**{**kw, **overrides})
-    return _build(transformers.BertModel, cfg, seed)
+    return _build(transformers.BertForSequenceClassification, cfg, seed)
 
 
 def tiny_t5(seed: int = 0, **overrides) -> torch.nn.Module:
-    """T5EncoderModel (relative position bias added to the scores, RMS-style T5LayerNorm), 4 heads."""
+    """T5ForTokenClassification (encoder only; relative position bias added to the scores, RMS-style
+    T5LayerNorm, 5 labels), 4 heads of 16, hidden 64, 2 layers."""
     kw = dict(vocab_size=VOCAB, d_model=_HIDDEN, d_kv=16, d_ff=_INTERMEDIATE, num_layers=_LAYERS,
-              num_heads=_HEADS, relative_attention_num_buckets=8, use_cache=False)
+              num_heads=_HEADS, relative_attention_num_buckets=8, use_cache=False, num_labels=5)
     cfg = transformers.T5Config(**{**kw, **overrides})
-    return _build(transformers.T5EncoderModel, cfg, seed)
+    return _build(transformers.T5ForTokenClassification, cfg, seed)
 
 
 def tiny_vit(seed: int = 0, **overrides) -> torch.nn.Module:
-    """ViTModel on 32x32 images, patch 8, 4 heads, hidden 64, 2 layers."""
+    """ViTForImageClassification on 32x32 images (patch 8, 10 labels), 4 heads, hidden 64, 2 layers."""
     kw = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
-              num_attention_heads=_HEADS, intermediate_size=_INTERMEDIATE)
+              num_attention_heads=_HEADS, intermediate_size=_INTERMEDIATE, num_labels=10)
     cfg = transformers.ViTConfig(**{**kw, **overrides})
-    return _build(transformers.ViTModel, cfg, seed)
+    return _build(transformers.ViTForImageClassification, cfg, seed)
 
 
 HF_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
