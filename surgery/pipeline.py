@@ -141,8 +141,10 @@ def plan(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.
     """Trace ``model``, score its groups with ``method`` and return a :class:`~surgery.plan.Plan`.
 
     Options: ``policy`` (``"local"``/``"global"``), ``normalize``, ``layer_ratios``, ``round_to``,
-    ``target_macs``, ``skip_cross_channel``, ``leaf_modules``, ``calib_batches``, and the method's
-    own (``surgery methods NAME``). Unknown names are an error.
+    ``target_macs``, ``skip_cross_channel``, ``leaf_modules``, ``calib_batches``, ``only_layers``
+    (patterns over the modules producing a group's channels: only those groups are scored and
+    pruned; the layer-by-layer schedule uses it), and the method's own (``surgery methods NAME``).
+    Unknown names are an error.
 
     Examples
     --------

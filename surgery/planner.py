@@ -9,6 +9,7 @@ stored in it, so ``plan(model, x, method=p.method, ratio=p.ratio, **p.options)``
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class PlanOptions:
     calib_batches: int | None = None
     submodule: str = ""  # prune only this submodule (its real inputs are captured from the whole model)
     free_outputs: tuple = ()  # patterns of model outputs whose channels may shrink
+    only_layers: tuple = ()  # patterns over producing modules: only the groups they match are scored and pruned
 
     def check(self) -> "PlanOptions":
         if self.policy is not None and self.policy not in policies.POLICIES:
@@ -59,6 +61,8 @@ class PlanOptions:
             raise PlanError(f"target_macs is the fraction of MACs to keep, in (0, 1], got {t!r}")
         if not all(isinstance(p, str) for p in self.free_outputs):
             raise PlanError(f"free_outputs must be module-name patterns, got {self.free_outputs!r}")
+        if not all(isinstance(p, str) for p in self.only_layers):
+            raise PlanError(f"only_layers must be module-name patterns, got {self.only_layers!r}")
         if not isinstance(self.submodule, str):
             raise PlanError(f"submodule must be a qualified module name, got {self.submodule!r}")
         c = self.calib_batches
@@ -94,7 +98,7 @@ def split_options(method: str, options: dict) -> tuple[PlanOptions, dict]:
             raise PlanError(unknown_name("option", name, (*_PLAN_OPTIONS, *known_method), f"method {method!r}"))
     if "layer_ratios" in plan_kw and plan_kw["layer_ratios"] is None:
         plan_kw["layer_ratios"] = {}
-    for key in ("leaf_modules", "free_outputs"):
+    for key in ("leaf_modules", "free_outputs", "only_layers"):
         if key in plan_kw:
             value = plan_kw[key] or ()
             plan_kw[key] = (value,) if isinstance(value, str) else tuple(value)
@@ -166,6 +170,7 @@ def build_plan(graph, method: str, ratio: float, policy: str, opts: PlanOptions,
     recorded = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
     recorded["leaf_modules"] = list(leaves)
     recorded["free_outputs"] = list(opts.free_outputs)
+    recorded["only_layers"] = list(opts.only_layers)
     recorded = {k: v for k, v in recorded.items() if v != getattr(PlanOptions(), k) or k == "policy"}
     recorded["policy"] = policy
     inputs = graph.example_inputs
@@ -195,7 +200,8 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
     opts, method_opts = split_options(method, options)
     m = get_method(method)
     leaves = leaf_names(model, opts.leaf_modules)
-    groups = [g for g in graph.groups if g.prunable and not (opts.skip_cross_channel and g.cross_channel)]
+    groups = [g for g in graph.groups if g.prunable and not (opts.skip_cross_channel and g.cross_channel)
+              and (not opts.only_layers or _matches(g, opts.only_layers))]
     scores = score_groups(model, graph, method, groups, data, opts, method_opts, loss, progress)
     normalize = opts.normalize or m.normalize
     policy = opts.policy or ("global" if opts.target_macs is not None else "local")
@@ -215,6 +221,12 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
         except RewriteError:
             if verify is None or not _leave_whole_what_fails(graph, verify, plan_of=lambda gp: _one_group(graph, gp, method, ratio, policy, opts, method_opts, leaves)):
                 raise
+
+
+def _matches(group, patterns) -> bool:
+    """Whether a module producing ``group``'s channels matches one of ``patterns`` (as ``layer_ratios``)."""
+    names = group.producers or group.modules[:1]
+    return any(fnmatch.fnmatchcase(m, p) for p in patterns for m in names)
 
 
 def _one_group(graph, gp: GroupPlan, method, ratio, policy, opts, method_opts, leaves) -> Plan:

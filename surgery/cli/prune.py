@@ -18,6 +18,8 @@ from ._common import (
     _calibration, _check_output, _fmt, _layer_ratios, _load, _method_options, _out, _progress, _run, app,
 )
 
+SCHEDULES = ("oneshot", "layerwise")
+
 
 @app.command()
 def prune(
@@ -37,6 +39,8 @@ def prune(
     submodule: Annotated[Optional[str], typer.Option("--submodule", help="Prune only this submodule (e.g. backbone); the whole model is returned.")] = None,
     free_output: Annotated[Optional[list[str]], typer.Option("--free-output", help="Model outputs (module-name patterns) whose channels may shrink (repeatable).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="After pruning, fine-tune this many epochs on --data (SGD, cosine, lr 0.01).")] = 0,
+    schedule: Annotated[str, typer.Option("--schedule", help="oneshot, or layerwise: one group at a time in network order, each scored on the pruned model and fine-tuned --step-epochs; --finetune-epochs at the end.")] = "oneshot",
+    step_epochs: Annotated[int, typer.Option("--step-epochs", help="layerwise: fine-tuning epochs after each group (needs labelled --data when > 0).")] = 1,
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, leaf: Leaf = None, debug: Debug = False,
 ) -> None:
     """Prune MODEL and print a before/after table; --out writes a dense checkpoint."""
@@ -70,6 +74,11 @@ def prune(
         _check_output(plan_out, model, "plan")
         if finetune_epochs < 0 or (finetune_epochs > 0 and data is None):
             raise SurgeryError(f"--finetune-epochs needs --data and a count >= 0, got {finetune_epochs}")
+        if schedule not in SCHEDULES:
+            raise SurgeryError(f"unknown schedule {schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+        if schedule == "layerwise":
+            return _layerwise(model, method, ratio, options, data, batch_size, finetune_epochs, step_epochs, out,
+                              plan_in, plan_out, output, input_shape, trust, weights, kwargs, format)
         saved = None
         if plan_in is not None:
             try:
@@ -105,6 +114,56 @@ def prune(
         _out.print(f"result: a GraphModule ({escape(why)})" if why else f"result: {escape(type(pruned).__name__)}")
 
     _run(debug, work)
+
+
+def _layerwise(model, method, ratio, options, data, batch_size, final_epochs, step_epochs, out, plan_in, plan_out,
+               output, input_shape, trust, weights, kwargs, format) -> None:
+    """--schedule layerwise: ``surgery.train.recipes.prune_layerwise``, then the usual table and checkpoint."""
+    from surgery.calibration import Calibration, load_data
+    from surgery.stats import ModelStats
+    from surgery.train import TrainConfig
+    from surgery.train.recipes import prune_layerwise
+
+    if plan_in is not None or plan_out is not None:
+        raise SurgeryError("--schedule layerwise makes one plan per group: --plan and --plan-out need --schedule oneshot")
+    if output != "auto":
+        raise SurgeryError("--schedule layerwise keeps each step's default output: drop --output")
+    if step_epochs < 0 or (step_epochs > 0 and data is None):
+        raise SurgeryError(f"--step-epochs needs --data and a count >= 0, got {step_epochs}")
+    with _progress() as step:
+        step(f"loading {model}")
+        net, x, source = _load(model, trust, weights, input_shape, kwargs)
+        training = step_epochs > 0 or final_epochs > 0
+        labelled = None
+        if data is not None:
+            xs, ys = load_data(data, tuple(x.shape))
+            if training and ys is None:
+                raise SurgeryError(f"data {data} has no labels (y); fine-tuning needs them")
+            labelled = (xs, ys) if training else Calibration(xs if ys is None else (xs, ys), batch_size=batch_size)
+        cfg = TrainConfig(lr=0.01, batch_size=batch_size, progress=False)
+        pruned, rep = prune_layerwise(net, x, method, ratio, labelled, epochs_per_step=step_epochs,
+                                      final_epochs=final_epochs, config=cfg, progress=step, **options)
+        before = ModelStats(rep["params"]["before"], rep["macs"]["before"])
+        after = ModelStats(rep["params"]["after"], rep["macs"]["after"])
+        meta = {"source": source, "method": method, "ratio": ratio, "schedule": "layerwise", "steps": rep["steps"],
+                "plans": [p.to_dict() for p in rep["plans"]], "input_shape": list(x.shape),
+                "stats": {"before": before.as_dict(), "after": after.as_dict()}}
+        step(f"writing {out}" if out is not None else "done")
+        if out is not None:
+            _save_result(pruned, out, format, meta, x)
+    table = Table(title=f"{escape(source)}: {method}, ratio {ratio:g}, layer by layer")
+    for col in ("step", "group", "channels", "kept", "accuracy"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for k, s in enumerate(rep["steps"], 1):
+        acc = f"{s['accuracy']:.4f}" if "accuracy" in s else "-"
+        table.add_row(str(k), escape(s["group"]), str(s.get("size", "-")), str(s.get("kept", "whole")), acc)
+    _out.print(table)
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        _out.print(f"validation accuracy: before {a['before']:.4f}, after the steps {a['pruned']:.4f}, "
+                   f"after {final_epochs} final epoch(s) {a['finetuned']:.4f}")
+    _out.print(f"params {_fmt(before.params)} -> {_fmt(after.params)}, MACs {_fmt(before.macs)} -> {_fmt(after.macs)}")
+    _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
 
 
 def _finetune(net, x, data, epochs: int, batch_size: int, step) -> tuple[float, float]:

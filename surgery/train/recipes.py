@@ -10,6 +10,9 @@
 * ``train_from_scratch``: learn channel gates on the frozen network and plan to a MACs target
   (``method="from-scratch"``), then re-initialise the pruned architecture and train it from scratch
   (``budget_train`` scales the epochs by ``1 / (MACs kept)``, Scratch-B).
+* ``prune_layerwise``: ThiNet's schedule for any method: prune one group (in network order) through
+  the pipeline, fine-tune briefly, score the next group on the pruned, fine-tuned model; a longer
+  fine-tune at the end.
 
 Each returns ``(pruned model, report)``: accuracies (validation split, or the training data when
 ``val_split=0``), params and MACs before and after, the plan or stripe counts. ``model`` is not modified.
@@ -30,7 +33,7 @@ from .csgd import Centripetal, cluster, merge_plan
 from .swp import SkeletonHook, add_skeletons, stripe_counts, to_stripes
 from .trainer import evaluate, fit
 
-__all__ = ["train_csgd", "train_swp", "train_from_scratch"]
+__all__ = ["train_csgd", "train_swp", "train_from_scratch", "prune_layerwise", "layer_steps"]
 
 
 def _sets(data, val_split: float, seed: int):
@@ -125,3 +128,109 @@ def train_from_scratch(model: nn.Module, example_inputs, data, *, target_macs: f
         "params": {"before": res.before.params, "after": res.after.params},
         "macs": {"before": res.before.macs, "after": res.after.macs}, "plan": res.plan, "history": {"train": hist.epochs},
     }
+
+
+def _literal(name: str) -> str:
+    """``name`` as an fnmatch pattern that matches only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def layer_steps(model: nn.Module, example_inputs, **options) -> list[tuple[str, str]]:
+    """The layer-by-layer schedule of ``model``: ``(pattern, group label)`` for every prunable group, in
+    network order (the first call of a module producing its channels); ``pattern`` (for
+    ``only_layers``) names a producing module that no other group has, so it selects this group only."""
+    from ..dependency_graph.tracing import normalize_inputs
+    from ..planner import PlanOptions, leaf_names
+
+    opts = PlanOptions(**{k: v for k, v in options.items() if k in ("leaf_modules", "free_outputs")})
+    graph = trace_graph(model, normalize_inputs(example_inputs), leaf_names(model, opts.leaf_modules),
+                        tuple(opts.free_outputs))
+    first: dict[str, int] = {}
+    for i, n in enumerate(graph.fx_graph.nodes):
+        if n.op == "call_module":
+            first.setdefault(str(n.target), i)
+    order = {name: len(first) + i for i, (name, _) in enumerate(model.named_modules())}
+    order.update(first)
+    owners: dict[str, int] = {}
+    for g in graph.groups:
+        for name in set(g.producers):
+            owners[name] = owners.get(name, 0) + 1
+    steps = []
+    for g in graph.groups:
+        if not g.prunable or not g.producers:
+            continue
+        own = [name for name in g.producers if owners[name] == 1]
+        if not own:
+            raise TrainError(f"group {g.label} shares every producing module with another group; "
+                             f"it cannot be pruned alone")
+        at = min(order.get(name, len(order)) for name in g.producers)
+        steps.append((at, g.id, _literal(own[0]), g.label))
+    return [(pattern, label) for _, _, pattern, label in sorted(steps)]
+
+
+def prune_layerwise(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5, data=None, *,
+                    epochs_per_step: int = 1, final_epochs: int = 0, config: TrainConfig = TrainConfig(),
+                    val_split: float = 0.2, seed: int = 0, loss=None, progress=None, **options):
+    """Layer by layer (ThiNet, Luo et al. ICCV 2017): for each prunable group in network order, plan
+    with ``method`` on the current model restricted to that group (``only_layers``), apply it through
+    :func:`surgery.pipeline.run`, fine-tune ``epochs_per_step`` epochs; then fine-tune
+    ``final_epochs``. Data-driven methods therefore score each group on the already pruned and
+    fine-tuned model. Every group loses what a one-shot local plan at ``ratio`` (and
+    ``layer_ratios``) takes from it; groups the method leaves whole are skipped.
+
+    ``data``: ``(x, y)`` when any fine-tuning is asked (split by ``val_split``; calibration uses the
+    training part), else any calibration data (or None for weight-only methods). Returns
+    ``(pruned model, report)`` with one entry per step (module, group, channels kept, accuracy after
+    its fine-tune) and every step's plan. ``model`` is not modified.
+    """
+    from ..errors import PlanError
+    from ..pipeline import run
+    from ..plan import check_ratio
+    from ..planner import split_options
+
+    check_ratio(ratio)
+    opts, _ = split_options(method, options)
+    if opts.target_macs is not None or opts.policy == "global" or opts.submodule or opts.only_layers:
+        raise PlanError("the layer-by-layer schedule prunes each group at its own ratio (ratio, layer_ratios); "
+                        "target_macs, policy='global', submodule and only_layers are one-shot options")
+    for name, n in (("epochs_per_step", epochs_per_step), ("final_epochs", final_epochs)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TrainError(f"{name} must be an integer >= 0, got {n!r}")
+    training = epochs_per_step > 0 or final_epochs > 0
+    train_set = val_set = probe = None
+    calib = data
+    if training:
+        train_set, val_set, probe = _sets(data, val_split, seed)
+        calib = train_set
+    net = copy.deepcopy(model).eval()
+    before = stats(model, example_inputs)
+    steps, plans = [], []
+    acc_start = evaluate(net, probe)[0] if probe is not None else None
+    for k, (pattern, label) in enumerate(layer_steps(net, example_inputs, **options)):
+        if progress is not None:
+            progress(f"step {k + 1}: {label}")
+        res = run(net, example_inputs, method, ratio, calib, loss=loss, progress=progress,
+                  **{**options, "only_layers": (pattern,)})
+        step = {"layer": pattern, "group": label, "pruned": bool(res.plan.groups)}
+        if res.plan.groups:
+            (gp,) = res.plan.groups
+            net = res.model
+            step.update(size=gp.size, kept=len(gp.keep))
+            if probe is not None:
+                step["accuracy_pruned"] = evaluate(net, probe)[0]
+            if epochs_per_step > 0:
+                _finetune(net, train_set, val_set, config, epochs_per_step)
+                step["accuracy"] = evaluate(net, probe)[0]
+            plans.append(res.plan)
+        else:
+            step["why"] = next(iter(res.plan.notes.values()), "the method left it whole")
+        steps.append(step)
+    acc_pruned = evaluate(net, probe)[0] if probe is not None else None
+    ft = _finetune(net, train_set, val_set, config, final_epochs)
+    after = stats(net, example_inputs)
+    report = {"steps": steps, "plans": plans, "history": {"finetune": ft},
+              "params": {"before": before.params, "after": after.params},
+              "macs": {"before": before.macs, "after": after.macs}}
+    if probe is not None:
+        report["accuracy"] = {"before": acc_start, "pruned": acc_pruned, "finetuned": evaluate(net, probe)[0]}
+    return net, report
