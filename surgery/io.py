@@ -41,7 +41,7 @@ from .errors import ModelLoadError, SurgeryError
 __all__ = ["load_model", "load_weights", "parse_input_shape", "file_kind"]
 
 _SPEC = re.compile(r"^([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)$")
-_FILE_SUFFIXES = (".pt", ".pth", ".pt2", ".onnx", ".bin", ".ckpt", ".safetensors", ".pkl")
+_FILE_SUFFIXES = (".pt", ".pth", ".pt2", ".onnx", ".bin", ".ckpt", ".safetensors", ".pkl", ".keras", ".h5", ".pb")
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -260,7 +260,12 @@ def _concrete(size) -> int | None:
         return int(hint) if hint is not None else None
 
 
-def _load_file(path: str, trust: bool):
+def _load_file(path: str, trust: bool, input_shape=None):
+    from .frontends import tensorflow as tf_frontend  # imports no TensorFlow: it converts in a subprocess
+
+    if tf_frontend.is_tensorflow_model(path):
+        model, shape = tf_frontend.load_tensorflow(path, input_shape)
+        return model, shape, f"TensorFlow model {path}"
     if os.path.isdir(path):
         raise ModelLoadError(f"{path} is a directory, not a model file")
     try:
@@ -282,7 +287,10 @@ def _load_file(path: str, trust: bool):
     if kind == "torchscript":
         raise ModelLoadError(f"{path} is a TorchScript archive; surgery needs an nn.Module (save it with torch.save or torch.export)")
     if kind == "onnx":
-        raise ModelLoadError(f"{path}: ONNX import is not supported yet")
+        from .frontends.onnx import load_onnx
+
+        model, shape = load_onnx(path, input_shape)
+        return model, shape, f"ONNX model {path}"
     if kind in ("zip", "pickle"):
         return _load_pickle(path, trust), None, f"whole-module pickle {path}"
     raise ModelLoadError(f"{path} is not a model file (not a torch.save zip/pickle, torch.export program or surgery checkpoint)")
@@ -336,12 +344,13 @@ def load_weights(model: nn.Module, path: str, source: str = "the model") -> None
 
 
 # -- entry point --------------------------------------------------------------------------------
-def load_model(spec_or_path, *, trust: bool = False, kwargs: dict | None = None, weights=None):
+def load_model(spec_or_path, *, trust: bool = False, kwargs: dict | None = None, weights=None, input_shape=None):
     """Load a model; returns ``(module, input_shape or None, source_description)``.
 
     ``spec_or_path`` is an existing file, or ``torchvision:NAME``, ``timm:NAME``,
     ``package.module:factory``. ``kwargs`` go to the model builder; ``weights`` is a state_dict
-    file loaded (strictly) into the result. See the module docstring for what is allowed.
+    file loaded (strictly) into the result. ``input_shape`` fixes the input of an ONNX or
+    TensorFlow model (its shape-only subgraphs are folded for it). See the module docstring.
     """
     text = os.fspath(spec_or_path)
     kwargs = dict(kwargs or {})
@@ -352,7 +361,7 @@ def load_model(spec_or_path, *, trust: bool = False, kwargs: dict | None = None,
     elif os.path.exists(text):
         if kwargs:
             raise ModelLoadError(f"{text}: builder keyword arguments only apply to model specs")
-        model, shape, source = _load_file(text, trust)
+        model, shape, source = _load_file(text, trust, input_shape)
     elif text.lower().endswith(_FILE_SUFFIXES) or os.sep in text:
         raise ModelLoadError(f"{text}: no such file")
     elif _SPEC.match(text):

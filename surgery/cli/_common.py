@@ -124,7 +124,7 @@ def _builder_kwargs(text: str | None) -> dict:
 
 def _load(model: str, trust: bool, weights: Path | None, input_shape: str | None, kwargs: str | None = None):
     shape = parse_input_shape(input_shape) if input_shape else None
-    module, known, source = load_model(model, trust=trust, weights=weights, kwargs=_builder_kwargs(kwargs))
+    module, known, source = load_model(model, trust=trust, weights=weights, kwargs=_builder_kwargs(kwargs), input_shape=shape)
     shape = shape or known
     if shape is None:
         raise SurgeryError(f"the input shape of {source} is unknown; pass --input-shape (e.g. 1,3,224,224)")
