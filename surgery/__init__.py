@@ -9,6 +9,7 @@
 from .checkpoint import load, save
 from .dependency_graph import DependencyGraph, Group, Member, Reason, trace
 from .errors import SurgeryError
+from .interchange import export
 from .methods import list_methods as methods
 from .methods import register_method
 from .pipeline import plan, prune
@@ -20,6 +21,6 @@ from . import train  # noqa: E402,I001  (surgery.train.fit, surgery.train.slimmi
 
 __all__ = [
     "DependencyGraph", "Group", "Member", "ModelStats", "Plan", "Reason", "SurgeryError",
-    "apply", "load", "methods", "plan", "prune", "register_method", "save", "sensitivity", "stats", "trace",
+    "apply", "export", "load", "methods", "plan", "prune", "register_method", "save", "sensitivity", "stats", "trace",
 ]
 __version__ = "0.1.0"

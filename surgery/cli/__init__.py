@@ -8,6 +8,7 @@
     surgery graph MODEL [--format text|json|dot|graphml|png] [--out F]
     surgery stats MODEL [--latency]
     surgery methods [NAME]
+    surgery export MODEL --format onnx|pt2 --out F [--opset N] [--dynamic-batch]
 
 Every command takes ``--input-shape 1,3,224,224``, ``--trust``, ``--weights F``, ``--leaf NAME``
 (where it loads a model) and ``--debug``. Errors print one red line on stderr and exit 1 (usage
@@ -17,7 +18,7 @@ work succeeded, and never over the input model.
 
 from __future__ import annotations
 
-from . import prune, sensitivity, inspect, finetune, train  # noqa: F401,I001  (each registers its command, in this order)
+from . import prune, sensitivity, inspect, finetune, train, export  # noqa: F401,I001  (each registers its command, in this order)
 from ._common import app
 
 __all__ = ["app", "main"]
