@@ -19,9 +19,10 @@ from .errors import PlanError
 from .plan import Plan, check_ratio
 from .planner import leaf_names, plan_from_graph, split_options
 from .rewrite import MODES, OUTPUTS, apply_to_graph
+from .sparsity import UNSTRUCTURED, attach_masks, check_sparsity, masks_of, prune_unstructured
 from .stats import ModelStats, stats
 
-__all__ = ["Result", "run", "plan", "prune"]
+__all__ = ["Result", "run", "plan", "prune", "SparseResult", "run_unstructured"]
 
 
 @dataclass
@@ -51,6 +52,9 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     never modified.
     """
     step = progress or _noop
+    if method == UNSTRUCTURED and plan is None:
+        raise PlanError(f"method {UNSTRUCTURED!r} removes single weights, not channels, and makes no channel plan; "
+                        f"call surgery.prune(model, x, method={UNSTRUCTURED!r}, sparsity=0.9)")
     sub = options.pop("submodule", "") or (plan.options.get("submodule", "") if plan is not None else "")
     if sub:
         return _run_submodule(model, example_inputs, sub, method, ratio, data, plan=plan, mode=mode, output=output,
@@ -173,4 +177,59 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0
     >>> small(torch.randn(1, 3, 16, 16)).shape, net[0].out_channels, type(small).__name__, small[0]
     (torch.Size([1, 4, 12, 12]), 8, 'Sequential', Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1)))
     """
+    if method == UNSTRUCTURED:
+        if data is not None or loss is not None:
+            raise PlanError(f"method {UNSTRUCTURED!r} needs no data or loss (it ranks weights by magnitude)")
+        if mode not in MODES:
+            raise PlanError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
+        return run_unstructured(model, example_inputs, output=output, **options).model
     return run(model, example_inputs, method, ratio, data, mode=mode, output=output, loss=loss, **options).model
+
+
+# -- unstructured: single weights, not channels (no graph, no plan) -------------------------------
+@dataclass
+class SparseResult:
+    """What one unstructured run made: the model (dense shapes, zeros, masks attached) and its masks."""
+
+    model: nn.Module
+    masks: dict
+    sparsity: float
+    scope: str
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+
+
+def run_unstructured(model: nn.Module, example_inputs, sparsity=None, scope: str = "global", *, output: str = "auto",
+                     measure: bool = False, progress: Callable[[str], None] | None = None, **options) -> SparseResult:
+    """Magnitude-unstructured pruning (``method="magnitude-unstructured"``): zero the ``int(sparsity * n)``
+    smallest-magnitude Linear/conv weights, over all of them (``scope="global"``) or per tensor
+    (``"layer"``). Shapes stay; the result carries its masks (:func:`surgery.sparsity.masks_of`) for
+    fine-tuning. ``output``: ``"auto"``/``"module"`` return the user's own class, ``"graph"`` a
+    ``GraphModule``. This is not a channel method, so ``ratio`` and the planning options do not apply.
+
+    >>> import torch, surgery
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> sparse = surgery.prune(net, torch.randn(1, 3, 16, 16), method="magnitude-unstructured", sparsity=0.9)
+    >>> sum(int((m.weight == 0).sum()) for m in (sparse[0], sparse[2])), 9 * (3 * 8 + 8 * 4)
+    (453, 504)
+    """
+    if options:
+        raise PlanError(f"option(s) {', '.join(sorted(options))} do not apply to method {UNSTRUCTURED!r}; "
+                        f"its options: sparsity, scope")
+    if sparsity is None:
+        raise PlanError(f"method {UNSTRUCTURED!r} needs sparsity= (the share of weights set to zero, e.g. 0.9)")
+    sparsity = check_sparsity(sparsity, scope)
+    if output not in OUTPUTS:
+        raise PlanError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
+    step = progress or _noop
+    inputs = normalize_inputs(example_inputs)
+    before = stats(model, inputs) if measure else None
+    step(f"zeroing {sparsity:.0%} of the weights ({scope})")
+    out = prune_unstructured(model, sparsity, scope)
+    masks = masks_of(out)
+    if output == "graph":
+        from .dependency_graph.tracing import trace_module
+
+        out = attach_masks(trace_module(out, inputs), masks)
+    after = stats(out, inputs) if measure else None
+    return SparseResult(out, masks, sparsity, scope, before, after)

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .dependency_graph.tracing import eval_mode, normalize_inputs
 from .errors import TraceError
 
-__all__ = ["ModelStats", "stats"]
+__all__ = ["ModelStats", "stats", "Sparsity", "weight_sparsity"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,42 @@ def stats(model: nn.Module, example_inputs: Any, latency: bool = False, runs: in
             except Exception as exc:
                 raise TraceError(f"model does not run on these inputs: {_one_line(exc)}") from exc
     return ModelStats(params=params, macs=macs, latency_ms=latency_ms)
+
+
+# -- sparsity (unstructured pruning) ------------------------------------------------------------
+@dataclass(frozen=True)
+class Sparsity:
+    """Zero entries among all floating parameters and among the prunable (Linear/conv) weights."""
+
+    params: int
+    zeros: int
+    prunable: int
+    prunable_zeros: int
+
+    @property
+    def overall(self) -> float:
+        """Share of zero parameters (0.0 for a model without parameters)."""
+        return self.zeros / self.params if self.params else 0.0
+
+    @property
+    def of_prunable(self) -> float:
+        """Share of zeros among Linear and convolution weights."""
+        return self.prunable_zeros / self.prunable if self.prunable else 0.0
+
+
+def weight_sparsity(model: nn.Module) -> Sparsity:
+    """Count exact zeros in ``model``'s floating parameters (each shared tensor once).
+
+    >>> net = torch.nn.Linear(4, 2)
+    >>> with torch.no_grad():
+    ...     _ = net.weight[0].zero_()
+    >>> s = weight_sparsity(net)
+    >>> (s.params, s.zeros, s.prunable, s.prunable_zeros, s.of_prunable)
+    (10, 4, 8, 4, 0.5)
+    """
+    from .sparsity import prunable_weights
+
+    params = [p for p in dict.fromkeys(model.parameters()) if p.is_floating_point()]
+    prunable = list(prunable_weights(model).values())
+    zeros = lambda ps: sum(int((p.detach() == 0).sum()) for p in ps)  # noqa: E731
+    return Sparsity(sum(p.numel() for p in params), zeros(params), sum(p.numel() for p in prunable), zeros(prunable))

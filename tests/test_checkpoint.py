@@ -142,6 +142,7 @@ def forge(src: Path, dst: Path, edit) -> None:
     spec = json.loads(meta["model"])
     edit(spec)
     meta["model"] = json.dumps(spec)
+    meta["checksum"] = checkpoint.checksum(meta, load_file(str(src)))  # a forger recomputes it
     save_file(load_file(str(src)), str(dst), metadata=meta)
 
 

@@ -340,6 +340,7 @@ def _forge(path, edit):
     spec = json.loads(meta["model"])
     edit(spec["graph"]["pytree"])
     meta["model"] = json.dumps(spec)
+    meta["checksum"] = surgery.checkpoint.checksum(meta, load_file(str(path)))  # a forger recomputes it
     save_file(load_file(str(path)), str(path), metadata=meta)
 
 

@@ -61,10 +61,10 @@ def labelled_data(data: str | None, x, val_split: float, seed: int):
     return split(xs, ys, val_split, seed)
 
 
-def save_model(net, out: Path, x, meta: dict) -> None:
+def save_model(net, out: Path, x, meta: dict, format: str = "dense") -> None:
     from .prune import _save_result
 
-    _save_result(net, out, "dense", {**meta, "input_shape": list(x.shape)}, x)
+    _save_result(net, out, format, {**meta, "input_shape": list(x.shape)}, x)
 
 
 def _old_meta(net) -> dict:
@@ -94,7 +94,13 @@ def finetune(
         train_set, val_set = labelled_data(data, x, val_split, seed)
         probe = val_set or train_set
         before = evaluate(net, probe)
-        hist = fit(net, train_set, val_set, cfg)
+        from surgery.sparsity import UNSTRUCTURED
+        from surgery.train import Hooks
+        from surgery.train.masks import unstructured_hooks
+
+        # an unstructured checkpoint keeps its zeros: masked gradients, weights re-masked after each step
+        unstructured = _old_meta(net).get("method") == UNSTRUCTURED
+        hist = fit(net, train_set, val_set, cfg, unstructured_hooks(net, from_zeros=True) if unstructured else Hooks())
         after = evaluate(net, probe)
         if not is_rank0():
             return
@@ -102,7 +108,7 @@ def finetune(
                 "finetune": {"data": data, "epochs": epochs, "lr": lr, "optimizer": optimizer, "schedule": schedule,
                              "accuracy_before": before[0], "accuracy_after": after[0], "best_val_acc": hist.best_acc}}
         if out is not None:
-            save_model(net, out, x, meta)
+            save_model(net, out, x, meta, "csr" if unstructured else "dense")
         where = "validation" if val_set is not None else "training"
         _out.print(f"{escape(source)}: {where} accuracy {before[0]:.4f} -> {after[0]:.4f} (loss {before[1]:.4f} -> {after[1]:.4f})")
         _out.print(f"fine-tuned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -66,10 +67,11 @@ def stats(
     latency: Annotated[bool, typer.Option("--latency", help="Also time a forward pass on CPU.")] = False,
     input_shape: InputShape = None, trust: Trust = False, weights: Weights = None, kwargs: Kwargs = None, debug: Debug = False,
 ) -> None:
-    """Parameters and MACs of MODEL (and latency with --latency)."""
+    """Parameters, MACs and share of zero weights of MODEL, its file size, and latency with --latency."""
 
     def work():
         from surgery.stats import stats as model_stats
+        from surgery.stats import weight_sparsity
 
         net, x, source = _load(model, trust, weights, input_shape, kwargs)
         s = model_stats(net, x, latency=latency)
@@ -78,6 +80,10 @@ def stats(
         table.add_column("value", justify="right")
         for label, n in (("params", s.params), ("MACs", s.macs)):
             table.add_row(label, f"{n:,}" + (f" ({_fmt(n)})" if n >= 1000 else ""))
+        sp = weight_sparsity(net)
+        table.add_row("zero weights", f"{sp.overall:.2%} of all parameters, {sp.of_prunable:.2%} of Linear/conv weights")
+        if os.path.isfile(model):
+            table.add_row("file size", f"{os.path.getsize(model):,} B ({_fmt(os.path.getsize(model))}B)")
         if s.latency_ms is not None:
             table.add_row("latency", f"{s.latency_ms:.2f} ms")
         meta = getattr(net, "meta", {}).get("surgery") if hasattr(net, "meta") else None

@@ -33,6 +33,8 @@ def prune(
     option: MethodOpt = None, data: Data = None, calib_batches: CalibBatches = None, batch_size: BatchSize = 32,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned model here.")] = None,
     format: Annotated[str, typer.Option("--format", help="Checkpoint format: dense or csr.")] = "dense",
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="magnitude-unstructured: share of Linear/conv weights set to zero, in [0, 1).")] = None,
+    scope: Annotated[str, typer.Option("--scope", help="magnitude-unstructured: global (one threshold) or layer (each weight tensor at --sparsity).")] = "global",
     plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the plan (JSON) here.")] = None,
     plan_in: Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan (JSON) instead of making one.")] = None,
     output: Annotated[str, typer.Option("--output", help="auto (the model's own class where its forward allows), module, or graph.")] = "auto",
@@ -49,7 +51,16 @@ def prune(
         from surgery.pipeline import run
         from surgery.plan import Plan
         from surgery.planner import split_options
+        from surgery.sparsity import UNSTRUCTURED
 
+        if method == UNSTRUCTURED or sparsity is not None:
+            given = {"--global": global_, "--layer-ratio": layer_ratio, "--target-macs": target_macs is not None,
+                     "--round-to": round_to != 1, "--option": option, "--calib-batches": calib_batches is not None,
+                     "--plan": plan_in, "--plan-out": plan_out, "--submodule": submodule, "--free-output": free_output,
+                     "--leaf": leaf}
+            return _prune_unstructured(model, method, sparsity, scope, [k for k, v in given.items() if v], data,
+                                       batch_size, finetune_epochs, out, format, output, input_shape, trust, weights,
+                                       kwargs)
         options = {}
         if plan_in is None:
             options = dict(_method_options(option), leaf_modules=tuple(leaf or ()), round_to=round_to,
@@ -166,16 +177,16 @@ def _layerwise(model, method, ratio, options, data, batch_size, final_epochs, st
     _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
 
 
-def _finetune(net, x, data, epochs: int, batch_size: int, step) -> tuple[float, float]:
+def _finetune(net, x, data, epochs: int, batch_size: int, step, hooks=None) -> tuple[float, float]:
     """Fine-tune the pruned model in place (``surgery finetune``'s defaults); accuracy before and after."""
-    from surgery.train import TrainConfig, evaluate, fit
+    from surgery.train import Hooks, TrainConfig, evaluate, fit
 
     from .finetune import labelled_data
 
     train_set, val_set = labelled_data(data, x, 0.2, 0)
     step(f"fine-tuning {epochs} epoch(s)")
     acc = evaluate(net, val_set)[0]
-    fit(net, train_set, val_set, TrainConfig(epochs=epochs, lr=0.01, batch_size=batch_size, progress=False))
+    fit(net, train_set, val_set, TrainConfig(epochs=epochs, lr=0.01, batch_size=batch_size, progress=False), hooks or Hooks())
     return acc, evaluate(net, val_set)[0]
 
 
@@ -212,4 +223,55 @@ def _print_prune(source, p, before, after, out, plan_out) -> None:
         _out.print(f"{len(p.notes)} prunable group(s) left whole by {escape(p.method)}, e.g.: {escape(first)}")
     if plan_out is not None:
         _out.print(f"plan written to {escape(str(plan_out))}")
+    _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
+
+
+def _prune_unstructured(model, method, sparsity, scope, channel_flags, data, batch_size, finetune_epochs, out, format,
+                        output, input_shape, trust, weights, kwargs) -> None:
+    """--method magnitude-unstructured: zero single weights (no channel plan); masks kept while fine-tuning."""
+    from surgery.pipeline import run_unstructured
+    from surgery.sparsity import UNSTRUCTURED, check_sparsity
+    from surgery.stats import weight_sparsity
+
+    if method != UNSTRUCTURED:
+        raise SurgeryError(f"--sparsity applies to --method {UNSTRUCTURED} only; channel methods take --ratio")
+    if sparsity is None:
+        raise SurgeryError(f"--method {UNSTRUCTURED} needs --sparsity (the share of weights set to zero, e.g. 0.9)")
+    if channel_flags:
+        raise SurgeryError(f"{', '.join(channel_flags)} select channels and do not apply to --method {UNSTRUCTURED}")
+    check_sparsity(sparsity, scope)
+    if format not in checkpoint.FORMATS:
+        raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(checkpoint.FORMATS)}")
+    _check_output(out, model, "output")
+    if finetune_epochs < 0 or (finetune_epochs > 0 and data is None):
+        raise SurgeryError(f"--finetune-epochs needs --data and a count >= 0, got {finetune_epochs}")
+    with _progress() as step:
+        step(f"loading {model}")
+        net, x, source = _load(model, trust, weights, input_shape, kwargs)
+        res = run_unstructured(net, x, sparsity, scope, output=output, measure=True, progress=step)
+        tuned = None
+        if finetune_epochs > 0:
+            from surgery.train.masks import mask_hooks
+
+            tuned = _finetune(res.model, x, data, finetune_epochs, batch_size, step, mask_hooks(res.masks))
+        sp = weight_sparsity(res.model)
+        meta = {"source": source, "method": UNSTRUCTURED, "sparsity": sparsity, "scope": scope,
+                "input_shape": list(x.shape),
+                "stats": {"before": res.before.as_dict(), "after": res.after.as_dict(),
+                          "zeros": sp.zeros, "prunable": sp.prunable, "prunable_zeros": sp.prunable_zeros}}
+        if out is not None:
+            step(f"writing {out}")
+            _save_result(res.model, out, format, meta, x)
+    if tuned is not None:
+        _out.print(f"validation accuracy: pruned {tuned[0]:.4f}, after {finetune_epochs} fine-tuning epoch(s) "
+                   f"(masks kept) {tuned[1]:.4f}")
+    table = Table(title=f"{escape(source)}: {UNSTRUCTURED}, sparsity {sparsity:g}, {scope}")
+    for col in ("", "value"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("params", _fmt(res.after.params))
+    table.add_row("zero Linear/conv weights", f"{sp.prunable_zeros:,} of {sp.prunable:,} ({sp.of_prunable:.2%})")
+    table.add_row("zero parameters overall", f"{sp.zeros:,} of {sp.params:,} ({sp.overall:.2%})")
+    if out is not None:
+        table.add_row(f"file ({format})", _fmt(out.stat().st_size) + "B")
+    _out.print(table)
     _out.print(f"pruned model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")
