@@ -9,9 +9,12 @@ Method settings: ``l1`` and ``thinet`` (``scope="all"``, 8 calibration batches) 
 ``target_macs=0.5``; ``slimming`` sparsity-trains (s=1e-4), then prunes |gamma| to the same target;
 ``from-scratch`` learns gates on the frozen net, prunes to the target, re-initialises and trains from
 scratch (as many epochs as the base model); ``csgd`` trains centripetally toward clusters of 70% width
-and merges; ``swp`` trains filter skeletons and runs stripe convolutions (its MACs follow from alpha
-and delta, not from a target). Every result is then fine-tuned the same way; accuracies are on the
-held-out 25%.
+and merges; ``swp`` trains filter skeletons (alpha 0.02, delta 0.01), then raises the threshold to the
+smallest skeleton magnitude that keeps at most half the MACs (our extension: ``train_swp(target_macs=)``),
+removes filters with no live stripe as channels and runs stripe convolutions (MACs counted by
+stripes). Every result is then fine-tuned the same way; accuracies are on the held-out 25% (test).
+Settings were chosen with ``--val`` (a validation split carved from the training split), never on
+the test split: SWP alpha 0.02 gave 0.989 on validation after fine-tuning, 0.05 gave 0.981.
 """
 
 from __future__ import annotations
@@ -43,14 +46,21 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=6, help="base training epochs")
     ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs after pruning")
     ap.add_argument("--methods", nargs="+", default=["l1", "thinet", "slimming", "from-scratch", "csgd", "swp"])
-    ap.add_argument("--swp-alpha", type=float, default=0.3)
-    ap.add_argument("--swp-delta", type=float, default=0.42)
+    ap.add_argument("--swp-alpha", type=float, default=0.02)
+    ap.add_argument("--swp-delta", type=float, default=0.01)
+    ap.add_argument("--val", action="store_true",
+                    help="evaluate on a validation split (20%% of the training split) instead of the test split: "
+                         "for choosing settings")
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args(argv)
+    if args.val and args.readme:
+        raise SystemExit("--readme reports the test split: drop --val")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     x, y = digits((1, 1, 16, 16))
     train_set, test_set = split(x, y, 0.25, seed=0)
+    if args.val:
+        train_set, test_set = split(*train_set, 0.2, seed=1)
     cfg = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=64, weight_decay=5e-4, progress=False)
     ft = TrainConfig(epochs=args.finetune, lr=0.02, batch_size=64, weight_decay=5e-4, progress=False)
     base = resnet_mini()
@@ -76,8 +86,9 @@ def main(argv=None) -> int:
             pruned, _ = train_csgd(model, X, train_set, ratio=0.3, eps=0.05, epochs=args.finetune, finetune_epochs=0,
                                    config=ft, val_split=0.0)
         elif method == "swp":
-            pruned, _ = train_swp(model, X, train_set, alpha=args.swp_alpha, delta=args.swp_delta,
-                                  epochs=args.finetune, config=ft, val_split=0.0)
+            pruned, rep = train_swp(model, X, train_set, alpha=args.swp_alpha, delta=args.swp_delta,
+                                    epochs=args.finetune, config=ft, val_split=0.0, target_macs=0.5)
+            print(f"swp: threshold {rep['threshold']:.4f}, {rep['dead_channels']} dead filters removed", file=sys.stderr)
         else:
             raise SystemExit(f"unknown method {method}")
         # right after pruning (from-scratch: after training the re-initialised architecture), then the

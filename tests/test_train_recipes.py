@@ -52,6 +52,20 @@ def test_swp_stripe_model_equals_the_trained_skeleton_model():
     assert_same_state(model, snap)
 
 
+def test_swp_with_a_macs_target_removes_dead_filters_and_meets_the_budget():
+    model = _net()
+    pruned, rep = train_swp(model, X, DATA, alpha=0.01, delta=0.01, epochs=1, config=CFG, target_macs=0.5)
+    kept = rep["macs"]["after"] / rep["macs"]["before"]
+    assert 0.4 < kept <= 0.5 and rep["threshold"] >= 0.01
+    live = {name: n for name, (n, _) in rep["stripes"].items()}
+    assert (pruned[0].n_stripes, pruned[3].n_stripes) == (live["0"], live["3"])
+    # every filter left has a live stripe: the others were removed as channels
+    assert 16 - pruned[0].out_channels + 16 - pruned[3].out_channels == rep["dead_channels"]
+    for conv in (pruned[0], pruned[3]):
+        assert sorted(set(conv.stripe_out.tolist())) == list(range(conv.out_channels))
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_from_scratch_meets_the_budget_and_retrains():
     model = _net()
     pruned, rep = train_from_scratch(model, X, DATA, target_macs=0.5, gate_epochs=1, epochs=2, config=CFG,

@@ -27,7 +27,7 @@ def train(
     data: Data = None, epochs: Epochs = None,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="L1 strength s on BN gammas (1e-4 VGG, 1e-5 ResNet).")] = 1e-4,
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of the prunable channels removed (global |gamma| ranking).")] = 0.5,
-    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of the MACs instead.")] = None,
+    target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of the MACs instead (swp: the threshold is raised after training to meet it).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tuning epochs after pruning.")] = 0,
     eps: Annotated[float, typer.Option("--eps", help="csgd: centripetal strength epsilon (3e-3 CIFAR, 0.05 ImageNet).")] = 3e-3,
     clusters: Annotated[str, typer.Option("--clusters", help="csgd: kmeans or even.")] = "kmeans",
@@ -74,8 +74,8 @@ def train(
             settings = {"ratio": ratio, "eps": eps, "clusters": clusters}
         elif method == "swp":
             pruned, rep = train_swp(net, x, (xs, ys), alpha=alpha, delta=delta, epochs=epochs, config=cfg,
-                                    val_split=val_split, seed=seed)
-            settings = {"alpha": alpha, "delta": delta}
+                                    val_split=val_split, seed=seed, target_macs=target_macs)
+            settings = {"alpha": alpha, "delta": delta, "target_macs": target_macs, "threshold": rep["threshold"]}
         else:
             pruned, rep = train_from_scratch(net, x, (xs, ys), target_macs=target_macs or 0.5, gate_epochs=gate_epochs,
                                              epochs=epochs, budget_train=budget_train, config=cfg, val_split=val_split,
@@ -110,5 +110,6 @@ def _print(source, method, rep, settings, out) -> None:
     if "stripes" in rep:
         live = sum(a for a, _ in rep["stripes"].values())
         total = sum(b for _, b in rep["stripes"].values())
-        _out.print(f"{live} of {total} stripes alive in {len(rep['stripes'])} convs")
+        _out.print(f"{live} of {total} stripes alive in {len(rep['stripes'])} convs; "
+                   f"{rep['dead_channels']} filters with no live stripe removed as channels")
     _out.print(f"model written to {escape(str(out))}" if out is not None else "no --out given: nothing written")

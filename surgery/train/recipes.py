@@ -5,8 +5,9 @@
   in the decay matrix), merge each cluster into its first member (0/1 fold, members averaged first),
   fine-tune.
 * ``train_swp``: train with filter skeletons (``swp.SkeletonHook``: L1 on the skeleton, threshold
-  re-mask after every step with the masked momentum cleared), then run each conv as a ``StripeConv``
-  of its live stripes.
+  re-mask after every step with the masked momentum cleared), optionally raise the threshold to meet
+  a MACs budget, remove filters with no live stripe as channels, then run each conv as a
+  ``StripeConv`` of its live stripes.
 * ``train_from_scratch``: learn channel gates on the frozen network and plan to a MACs target
   (``method="from-scratch"``), then re-initialise the pruned architecture and train it from scratch
   (``budget_train`` scales the epochs by ``1 / (MACs kept)``, Scratch-B).
@@ -30,7 +31,9 @@ from ..dependency_graph import trace as trace_graph
 from ..stats import stats
 from .config import Hooks, TrainConfig, TrainError, split
 from .csgd import Centripetal, cluster, merge_plan
-from .swp import SkeletonHook, add_skeletons, stripe_counts, to_stripes
+from .swp import (
+    SkeletonHook, add_skeletons, apply_threshold, channel_groups, choose_threshold, dead_channels, stripe_counts, to_stripes,
+)
 from .trainer import evaluate, fit
 
 __all__ = ["train_csgd", "train_swp", "train_from_scratch", "prune_layerwise", "layer_steps"]
@@ -81,24 +84,37 @@ def train_csgd(model: nn.Module, example_inputs, data, *, ratio: float = 0.5, ep
 
 
 def train_swp(model: nn.Module, example_inputs, data, *, alpha: float = 1e-5, delta: float = 0.01, epochs: int = 10,
-        config: TrainConfig = TrainConfig(), val_split: float = 0.2, seed: int = 0):
-    """Stripe-wise pruning: skeleton training (``alpha`` L1 strength, ``delta`` threshold), then
-    stripe convolutions. MACs are counted by stripes."""
+        config: TrainConfig = TrainConfig(), val_split: float = 0.2, seed: int = 0, target_macs: float | None = None):
+    """Stripe-wise pruning: skeleton training (``alpha`` L1 strength, ``delta`` threshold; a channel
+    whose filters lose every stripe has its BatchNorm affine held at zero), then filters with no live
+    stripe removed as channels (a plan through the pipeline) and the rest run as stripe convolutions.
+    MACs are counted by stripes. ``target_macs`` (our extension): after training, the threshold is
+    raised to the smallest skeleton magnitude whose stripe model keeps at most that fraction of the
+    MACs (``swp.choose_threshold``); the report's ``threshold`` says which."""
+    if target_macs is not None and not 0 < target_macs <= 1:
+        raise TrainError(f"target_macs is the fraction of MACs to keep, in (0, 1], got {target_macs!r}")
     train_set, val_set, probe = _sets(data, val_split, seed)
     net = add_skeletons(model)
-    hook = SkeletonHook(net, alpha=alpha, delta=delta)
+    groups = channel_groups(model, example_inputs)
+    hook = SkeletonHook(net, alpha=alpha, delta=delta, groups=groups)
     if not hook.skeletons:
         raise TrainError("stripe-wise pruning needs 2-D convolutions with a kernel larger than 1x1 and groups=1")
     hist = fit(net, train_set, val_set, dataclasses.replace(config, epochs=epochs),
                Hooks(after_backward=hook.after_backward, after_step=hook.after_step,
                      on_optimizer=lambda opt: setattr(hook, "optimizer", opt)))
     acc_trained = evaluate(net, probe)[0]
-    pruned = to_stripes(net).eval()
+    threshold = delta
+    if target_macs is not None:
+        threshold = choose_threshold(net, example_inputs, target_macs, delta, groups)
+        net = apply_threshold(net, threshold, groups)
+    dead = dead_channels(net, groups)
+    pruned = to_stripes(net, example_inputs).eval()
     before, after = stats(model, example_inputs), stats(pruned, example_inputs)
     return pruned, {
-        "accuracy": {"trained": acc_trained, "pruned": evaluate(pruned, probe)[0]},
+        "accuracy": {"trained": acc_trained, "pruned": evaluate(pruned, probe)[0]}, "threshold": threshold,
         "params": {"before": before.params, "after": after.params}, "macs": {"before": before.macs, "after": after.macs},
-        "stripes": stripe_counts(net), "history": {"train": hist.epochs},
+        "stripes": stripe_counts(net), "dead_channels": sum(len(v) for v in dead.values()),
+        "history": {"train": hist.epochs},
     }
 
 
