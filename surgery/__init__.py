@@ -6,9 +6,10 @@
 ['bn-gate', 'l1', 'thinet']
 """
 
-from .checkpoint import load, save
+from .checkpoint import save
 from .dependency_graph import DependencyGraph, Group, Member, Reason, trace
 from .errors import SurgeryError
+from .frontends import load
 from .interchange import export
 from .methods import list_methods as methods
 from .methods import register_method

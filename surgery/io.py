@@ -358,6 +358,12 @@ def load_model(spec_or_path, *, trust: bool = False, kwargs: dict | None = None,
     if prefix in ("torchvision", "timm") and rest:
         model, shape = (_load_torchvision if prefix == "torchvision" else _load_timm)(rest, kwargs)
         source = text
+    elif text.lower().endswith(".prototxt"):  # Caffe: ``weights`` is the .caffemodel, read with the net
+        from .frontends.caffe import load_caffe
+
+        model = load_caffe(text, weights)
+        shape, source = tuple(model.meta["caffe"]["input_shapes"][0]), f"Caffe net {text}"
+        source, weights = source + (f" + weights {os.fspath(weights)}" if weights is not None else ""), None
     elif os.path.exists(text):
         if kwargs:
             raise ModelLoadError(f"{text}: builder keyword arguments only apply to model specs")

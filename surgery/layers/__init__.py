@@ -1,5 +1,6 @@
 """Module types the rewrite can emit (allow-listed for checkpoints)."""
 
+from .affine import Affine
 from .stripe import StripeConv
 
-__all__ = ["StripeConv"]
+__all__ = ["Affine", "StripeConv"]
