@@ -13,6 +13,11 @@ a dense checkpoint can only name
 
 Anything else raises :class:`~surgery.errors.ModelLoadError` on load (or ``SurgeryError`` on save,
 so that a checkpoint that could not be read back is never written).
+
+The model's own class tree (:mod:`surgery._module_codec`) names classes and functions as
+``module:QualName``; :func:`resolve_name` imports ``module`` only inside :data:`CLASS_PACKAGES`
+unless the caller trusts the file, never ``__main__``, and refuses names that are not dotted
+identifiers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import builtins
 import importlib
 import math
 import operator
+import re
 import types
 
 import torch
@@ -32,7 +38,7 @@ from .errors import ModelLoadError
 
 __all__ = [
     "qualified_name", "resolve_module_class", "module_class_allowed", "function_name", "resolve_function",
-    "check_method", "check_getattr", "resolve_pickle_global",
+    "check_method", "check_getattr", "resolve_pickle_global", "CLASS_PACKAGES", "object_name", "resolve_name",
 ]
 
 #: Module classes a dense checkpoint may rebuild.
@@ -202,3 +208,59 @@ def check_getattr(attr) -> None:
     """Graph ``getattr`` calls may read public tensor attributes only."""
     if not isinstance(attr, str) or attr.startswith("_") or not hasattr(torch.Tensor, attr) or attr in _METHOD_DENY:
         raise ModelLoadError(f"checkpoint reads attribute {attr!r}, which is not on the allow-list")
+
+
+# -- the model's own classes, by name ----------------------------------------------------------
+#: Packages whose modules a checkpoint may import to rebuild a model's own class without trust.
+CLASS_PACKAGES = ("torch", "torchvision", "timm", "transformers", "surgery")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def object_name(obj) -> str | None:
+    """``module:QualName`` under which :func:`resolve_name` finds ``obj`` again, or ``None`` (a lambda,
+    a class made inside a function, a bound method). Imports nothing."""
+    import sys
+
+    modname = getattr(obj, "__module__", None)
+    mod = sys.modules.get(modname) if isinstance(modname, str) else None
+    if mod is None:
+        return None
+    for qual in (getattr(obj, "__qualname__", None), getattr(obj, "__name__", None)):
+        if not isinstance(qual, str) or not _DOTTED.fullmatch(qual):
+            continue
+        found = mod
+        for part in qual.split("."):
+            found = getattr(found, part, None)
+        if found is obj:
+            return f"{modname}:{qual}"
+    return None
+
+
+def resolve_name(name, trust: bool = False) -> tuple[object | None, str]:
+    """``(object, "")`` for a ``module:QualName`` (or ``module.Name``) stored by :func:`object_name`,
+    else ``(None, why not)``: outside :data:`CLASS_PACKAGES` without ``trust``, in ``__main__``, not
+    importable. A name that is not made of dotted identifiers, or has a ``__dunder__`` part, raises
+    :class:`ModelLoadError`: no save writes one."""
+    text = name if isinstance(name, str) else ""
+    modname, sep, qual = text.partition(":")
+    if not sep:
+        modname, _, qual = text.rpartition(".")
+    parts = modname.split(".") + qual.split(".")
+    if len(text) > 300 or not _DOTTED.fullmatch(modname) or not _DOTTED.fullmatch(qual) or (
+            modname != "__main__" and any(p.startswith("__") for p in parts)):
+        raise ModelLoadError(f"checkpoint names {str(name)[:80]!r}, which is not a qualified class or function name")
+    if modname == "__main__":
+        return None, f"{text} is defined in a script (__main__), which is never imported by name; define it in a module"
+    if parts[0] not in CLASS_PACKAGES and not trust:
+        return None, (f"{text} is outside the packages imported without trust ({', '.join(CLASS_PACKAGES)}); "
+                      f"load with trust=True (CLI --trust) if you trust this file")
+    try:
+        found = importlib.import_module(modname)
+    except Exception as exc:  # an import can fail in any way; the reason is one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return None, f"cannot import {modname} ({type(exc).__name__}: {first})"
+    for part in qual.split("."):
+        found = getattr(found, part, None)
+    if found is None:
+        return None, f"{modname} has no {qual}"
+    return found, ""

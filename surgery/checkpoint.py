@@ -5,7 +5,9 @@ file. Its string metadata holds
 
 * ``"format"``: ``"surgery.dense"`` or ``"surgery.csr"``, ``"format_version"``: ``"2"``;
 * ``"model"``: JSON of the fx graph and the module tree (see :mod:`surgery._graph_codec`) plus a
-  ``"tensors"`` table saying how each stored tensor is laid out (dense, or CSR components);
+  ``"tensors"`` table saying how each stored tensor is laid out (dense, or CSR components); for a
+  model that is not a ``GraphModule`` (the user's own class, which :func:`surgery.apply` returns by
+  default) also its own class tree (``"tree"``, see :mod:`surgery._module_codec`), sharing tensors;
 * ``"metadata"``: JSON of the caller's metadata (source model, method, plan, before/after stats);
 * ``"checksum"`` (version 2): ``"sha256:<hex>"`` of the format, model and metadata strings and of
   every stored tensor (name, dtype, shape, bytes). safetensors has none, so without it a flipped bit in
@@ -20,6 +22,10 @@ of their dense bytes (with int64 indices, 30%).
 
 Loading needs only ``torch`` and ``safetensors``: module classes are looked up in ``torch.nn`` (and
 ``torchvision.ops`` if the model uses them), graph functions in an allow-list; nothing is unpickled.
+A stored class tree comes back as the user's class when its classes import from torch, torchvision,
+timm, transformers or surgery (others with ``trust=True``), every attribute was storable, and it
+computes bit for bit what the stored graph computes on the stored example input shape; otherwise
+the graph is returned, with a warning saying why.
 Writes are atomic: a temporary file in the target directory, then ``os.replace``.
 
 Examples
@@ -27,11 +33,11 @@ Examples
 >>> import torch, tempfile, os, surgery.checkpoint as ckpt
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
 >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
->>> ckpt.save(net, path, metadata={"method": "l1"})
->>> back = ckpt.load(path)
 >>> x = torch.randn(1, 3, 8, 8)
->>> torch.equal(back(x), net(x)), ckpt.read_metadata(path)["method"]
-(True, 'l1')
+>>> ckpt.save(net, path, metadata={"method": "l1"}, example_inputs=x)
+>>> back = ckpt.load(path)
+>>> type(back).__name__, torch.equal(back(x), net(x)), ckpt.read_metadata(path)["method"]
+('Sequential', True, 'l1')
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import json
 import os
 import struct
 import tempfile
+import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -48,11 +56,13 @@ import torch.fx
 from torch import nn
 
 from . import _graph_codec as codec
+from . import _module_codec as tree_codec
 from .errors import ModelLoadError, SurgeryError
 
-__all__ = ["FORMATS", "save", "load", "read_metadata", "is_checkpoint", "atomic_write"]
+__all__ = ["FORMATS", "OUTPUTS", "save", "load", "read_metadata", "metadata_of", "is_checkpoint", "atomic_write"]
 
 FORMATS = ("dense", "csr")
+OUTPUTS = ("auto", "module", "graph")
 FORMAT_VERSION = "2"
 _READABLE_VERSIONS = ("1", "2")
 _MAX_HEADER = 512 * 1024 * 1024
@@ -223,11 +233,28 @@ def _as_graph_module(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     return _symbolic_trace(model, ()).to_graph_module()
 
 
+#: ``GraphModule.meta`` entries that the graph's behaviour depends on (the export front end's batch).
+_GRAPH_META = ("surgery_static_batch", "surgery_frontend")
+
+
+def _check_inputs(example_inputs, metadata):
+    if example_inputs is not None:
+        return example_inputs
+    shape = (metadata or {}).get("input_shape") if isinstance(metadata, dict) else None
+    if isinstance(shape, (list, tuple)) and shape and all(isinstance(s, int) and s > 0 for s in shape):
+        return torch.empty(tuple(shape))  # only its shape and dtype are stored
+    return None
+
+
 def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = None, *, example_inputs=None) -> None:
     """Save ``model`` as one self-describing file at ``path`` (atomically).
 
-    ``model`` is a ``torch.fx.GraphModule`` (what :func:`surgery.apply` returns) or any module that
-    ``torch.fx`` can trace (``example_inputs``, when given, are used to trace and check it).
+    ``model`` is a ``torch.fx.GraphModule`` or any module that ``torch.fx`` can trace
+    (``example_inputs``, when given, are used to trace and check it). For a module that is not a
+    ``GraphModule`` (the user's class, as :func:`surgery.apply` returns it) its own class tree is
+    stored too, so that :func:`load` can rebuild that class; the shapes of ``example_inputs`` (else
+    ``metadata["input_shape"]``) are kept to check it on load. Without them only the graph is
+    stored, with a warning.
     ``format="csr"`` stores each floating tensor of two or more dimensions as CSR components where
     they take fewer bytes than the dense tensor (unstructured-sparse weights), else dense; both
     formats load back to the same dense model, bit for bit.
@@ -240,6 +267,16 @@ def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = 
     gm = _as_graph_module(model, example_inputs)
     store = _TensorStore(format)
     spec = {"graph": codec.graph_to_data(gm), "modules": codec.modules_to_data(gm, store.add)}
+    if model is not gm:
+        inputs = _check_inputs(example_inputs, metadata)
+        if tree_codec.inputs_to_data(inputs) is not None:
+            spec["tree"] = tree_codec.tree_to_data(model, store.add, inputs)
+        else:
+            warnings.warn(f"saving {type(model).__name__} as a graph only: its own class is checked on load on the example "
+                          f"inputs' shapes, and no tensor or tuple of tensors was given (surgery.load returns a GraphModule)",
+                          stacklevel=2)
+    if isinstance(model, torch.fx.GraphModule):
+        spec["graph_meta"] = {k: v for k, v in model.meta.items() if k in _GRAPH_META and isinstance(v, (bool, str))}
     spec["tensors"] = store.table
     try:
         meta_json = json.dumps(metadata or {})
@@ -309,7 +346,81 @@ def _adopt_tree(root: nn.Module, gm: torch.fx.GraphModule) -> None:
             gm.__dict__[k] = v
 
 
-def load(path) -> torch.fx.GraphModule:
+#: The metadata of models :func:`load` rebuilt as their own class (a GraphModule keeps it in ``meta``).
+_LOADED_METADATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def metadata_of(model: nn.Module) -> dict:
+    """The metadata of the checkpoint ``model`` was loaded from (``{}`` for any other model)."""
+    if isinstance(model, torch.fx.GraphModule):
+        meta = model.meta.get("surgery")
+    else:
+        meta = _LOADED_METADATA.get(model)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same_outputs(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> str:
+    """"" when ``model`` and ``gm`` give bit-identical outputs on ``inputs`` (both in eval mode)."""
+    import torch.utils._pytree as pytree
+
+    flags = [(m, m.training) for m in (*model.modules(), *gm.modules())]
+    try:
+        model.eval()
+        gm.eval()
+        with torch.no_grad():
+            try:
+                want = pytree.tree_leaves(gm(*inputs))
+            except Exception as exc:
+                return f"the stored graph fails on the stored example input ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+            try:
+                got = pytree.tree_leaves(model(*inputs))
+            except Exception as exc:
+                return f"its forward fails on the stored example input ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if len(got) != len(want):
+        return "its forward returns a different number of outputs than the stored graph"
+    for a, b in zip(got, want):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+        else:
+            same = type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
+        if not same:
+            return "its outputs differ from the stored graph's on the stored example input"
+    return ""
+
+
+def _own_class(spec: dict, tensors: dict, gm: torch.fx.GraphModule, trust: bool) -> tuple[nn.Module | None, str]:
+    tree = spec["tree"]
+    model, why = tree_codec.data_to_tree(tree, tensors, trust)
+    if model is None:
+        return None, why
+    if not tree.get("inputs"):
+        return None, "the checkpoint has no example input to check it with (pass example_inputs to surgery.save)"
+    return (model, "") if not (why := _same_outputs(model, gm, tree_codec.data_to_inputs(tree["inputs"]))) else (None, why)
+
+
+def load(path, output: str = "auto", *, trust: bool = False) -> nn.Module:
+    """Rebuild the model saved at ``path``; its metadata is :func:`metadata_of` the result.
+
+    ``output="auto"``: a model saved as its own class (not a ``GraphModule``) comes back as that
+    class when it can (classes from torch, torchvision, timm, transformers or surgery, or any
+    importable class with ``trust=True``; every attribute stored; outputs bit-identical to the stored
+    graph's on the stored example input shape), else as the ``GraphModule`` with a warning and the
+    reason in ``meta["surgery_output"]``. ``"module"`` raises instead of falling back; ``"graph"``
+    always returns the ``GraphModule`` (whose ``meta["surgery"]`` holds the metadata).
+
+    Raises :class:`~surgery.errors.ModelLoadError` for a missing, truncated or corrupt file, or one
+    that names a module class or function outside the allow-list.
+    """
+    if output not in OUTPUTS:
+        raise SurgeryError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
+
     """Rebuild the model saved at ``path``; its metadata is in ``module.meta["surgery"]``.
 
     Raises :class:`~surgery.errors.ModelLoadError` for a missing, truncated or corrupt file, or one
@@ -347,7 +458,30 @@ def load(path) -> torch.fx.GraphModule:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ModelLoadError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {first})") from None
     gm.training = root.training
+    graph_meta = spec.get("graph_meta")
+    if isinstance(graph_meta, dict):
+        gm.meta.update({k: v for k, v in graph_meta.items() if k in _GRAPH_META and isinstance(v, (bool, str))})
     gm.meta["surgery"] = metadata
     if isinstance(metadata, dict) and isinstance(metadata.get("plan"), dict):
         gm.meta["surgery_plan"] = metadata["plan"]
+    tree = spec.get("tree")
+    if output == "graph" or (tree is None and output == "auto"):
+        return gm
+    if not isinstance(tree, dict):
+        raise ModelLoadError(f"{path}: the checkpoint holds a GraphModule, not a model's own class")
+    try:
+        model, why = _own_class(spec, _decode_tensors(spec["tensors"], raw), gm, trust)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    except Exception as exc:  # a hand-crafted tree can fail anywhere; report it in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {first})") from None
+    if model is not None:
+        _LOADED_METADATA[model] = metadata
+        return model
+    root_class = next((str(e.get("class")) for e in tree.get("modules", []) if isinstance(e, dict) and e.get("path") == ""), "?")
+    if output == "module":
+        raise ModelLoadError(f"{path}: cannot rebuild {root_class}: {why}")
+    warnings.warn(f"{path}: loading a GraphModule instead of {root_class}: {why}", stacklevel=2)
+    gm.meta["surgery_output"] = {"output": "graph", "reason": why, "class": root_class}
     return gm

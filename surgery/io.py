@@ -8,7 +8,9 @@ Files
     ``torch.nn``, ``torchvision`` and ``surgery`` module classes, so a pickle that names anything
     else (a foreign class, ``os.system``) is refused before any of its code can run; ``trust=True``
     unpickles fully. ``.pt2`` (``torch.export``), and surgery checkpoints (any extension, detected
-    from the header). ``weights=`` loads a state_dict (``weights_only=True`` or safetensors).
+    from the header; one saved as the user's own class comes back as that class, classes outside
+    torch/torchvision/timm/transformers/surgery only with ``trust=True``). ``weights=`` loads a
+    state_dict (``weights_only=True`` or safetensors).
 
 Every failure is a :class:`~surgery.errors.ModelLoadError` with one line. Input files are only read.
 
@@ -275,8 +277,8 @@ def _load_file(path: str, trust: bool, input_shape=None):
     if kind == "empty":
         raise ModelLoadError(f"{path} is empty")
     if kind == "checkpoint":
-        model = checkpoint.load(path)
-        meta = model.meta.get("surgery") or {}
+        model = checkpoint.load(path, trust=trust)
+        meta = checkpoint.metadata_of(model)
         shape = meta.get("input_shape") or ((meta.get("plan") or {}).get("input_shapes") or [None])[0]
         return model, (tuple(int(s) for s in shape) if shape else None), f"surgery checkpoint {path}"
     if kind == "safetensors":

@@ -68,8 +68,9 @@ def save_model(net, out: Path, x, meta: dict, format: str = "dense") -> None:
 
 
 def _old_meta(net) -> dict:
-    meta = getattr(net, "meta", {}) if hasattr(net, "meta") else {}
-    return dict(meta.get("surgery") or {}) if isinstance(meta, dict) else {}
+    from surgery.checkpoint import metadata_of
+
+    return dict(metadata_of(net))
 
 
 @app.command()

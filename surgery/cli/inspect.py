@@ -86,7 +86,7 @@ def stats(
             table.add_row("file size", f"{os.path.getsize(model):,} B ({_fmt(os.path.getsize(model))}B)")
         if s.latency_ms is not None:
             table.add_row("latency", f"{s.latency_ms:.2f} ms")
-        meta = getattr(net, "meta", {}).get("surgery") if hasattr(net, "meta") else None
+        meta = checkpoint.metadata_of(net)
         if isinstance(meta, dict) and meta.get("method"):
             table.add_row("pruned", escape(f"{meta.get('method')} ratio {meta.get('ratio')} from {meta.get('source')}"))
         _out.print(table)
