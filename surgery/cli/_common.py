@@ -30,11 +30,11 @@ _out = Console(width=None if Console().is_terminal else 200, highlight=False)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # -- shared options -----------------------------------------------------------------------------
-ModelArg = Annotated[str, typer.Argument(help="A model file (.pt/.pth pickle, .pt2, surgery checkpoint) or a spec: "
+ModelArg = Annotated[str, typer.Argument(help="A model file (.pt/.pth pickle, .pt2, surgery checkpoint, Caffe .prototxt) or a spec: "
                                               "torchvision:NAME, timm:NAME, package.module:factory.")]
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224.")]
 Trust = Annotated[bool, typer.Option("--trust", help="Fully unpickle MODEL (runs code from the file: trusted files only).")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="A state_dict file loaded into MODEL.")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="A state_dict file loaded into MODEL (for a Caffe .prototxt: its .caffemodel).")]
 Kwargs = Annotated[Optional[str], typer.Option("--kwargs", help="JSON keyword arguments for a spec's builder, e.g. '{\"num_classes\": 10}'.")]
 Leaf = Annotated[Optional[list[str]], typer.Option("--leaf", help="Qualified name of a module fx must not enter (repeatable).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and warnings.")]
