@@ -61,8 +61,8 @@ def save_graph(path, nodes, inits, in_shape, opset=17, out="y"):
 
 
 def tf_style(path):
-    """What tf2onnx writes for conv -> BN -> relu -> conv -> flatten -> dense with a dynamic batch:
-    NHWC transposes around each conv, BN as Mul/Add with per-channel constants, Flatten as
+    """What tf2onnx writes for conv -> BN -> relu -> pad -> conv -> flatten -> dense with a dynamic
+    batch: NHWC transposes around each conv, BN as Mul/Add with per-channel constants, Flatten as
     Shape/Gather/Unsqueeze/Concat/Reshape, Dense as MatMul + Add."""
     n = oh.make_node
     nodes = [
@@ -74,7 +74,8 @@ def tf_style(path):
         n("Add", ["bn_mul", "bn_offset"], ["bn"]),
         n("Relu", ["bn"], ["r1"]),
         n("Transpose", ["r1"], ["c2_in"], perm=[0, 3, 1, 2]),
-        n("Conv", ["c2_in", "w2", "b2"], ["c2"], strides=[2, 2]),
+        n("Pad", ["c2_in", "pads"], ["c2_pad"]),  # ZeroPadding2D: pads as a constant input
+        n("Conv", ["c2_pad", "w2", "b2"], ["c2"], strides=[2, 2]),
         n("Transpose", ["c2"], ["c2_nhwc"], perm=[0, 2, 3, 1]),
         n("Relu", ["c2_nhwc"], ["r2"]),
         n("Shape", ["r2"], ["shape"]),
@@ -86,8 +87,8 @@ def tf_style(path):
         n("Add", ["mm", "dense_b"], ["y"]),
     ]
     inits = [init("w1", 6, 3, 3, 3), init("b1", 6), init("bn_scale", 6), init("bn_offset", 6), init("w2", 8, 6, 3, 3),
-             init("b2", 8), init("dense_w", 8 * 3 * 3, 5), init("dense_b", 5), const("zero", 0), const("axes0", [0]),
-             const("minus_one", [-1])]
+             init("b2", 8), init("dense_w", 8 * 4 * 4, 5), init("dense_b", 5), const("zero", 0), const("axes0", [0]),
+             const("minus_one", [-1]), const("pads", [0, 0, 1, 1, 0, 0, 1, 1])]
     return save_graph(path, nodes, inits, ["N", 3, 8, 8])
 
 
@@ -152,10 +153,13 @@ def test_tf_style_graph(tmp_path):
     """NHWC transposes, BN constants, a Shape/Gather/Concat flatten and a MatMul dense all prune."""
     path = tf_style(tmp_path / "tf.onnx")
     model, plan, pruned = check_onnx_model(path, expect_shape=(1, 3, 8, 8))
-    assert not any(type(m).__name__ in ("OnnxShape", "OnnxGather", "OnnxConcat", "OnnxReshape") for m in model.modules())
+    assert not any(type(m).__name__ in ("OnnxShape", "OnnxGather", "OnnxConcat", "OnnxReshape", "OnnxPadDynamic")
+                   for m in model.modules())
+    assert not list(model.buffers())  # the int shape/pads constants are literals now
     assert sorted(g.size for g in plan.groups) == [6, 8]  # both convs' channels, through the NHWC flatten
     shapes = sorted(tuple(p.shape) for p in pruned.parameters())
-    assert (4 * 3 * 3, 5) in shapes and (3,) in shapes  # the dense weight lost rows; BN scale/offset halved
+    assert (5, 4 * 4 * 4) in shapes and (3,) in shapes  # the dense weight lost columns; BN scale/offset halved
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 1  # MatMul + Add is a Linear
 
 
 def test_caffe_style_graph(tmp_path):

@@ -12,8 +12,10 @@
 3. **Conversion** with ``onnx2torch``; module names lose the ``/`` of ONNX node names.
 4. **Tidy**: float buffers become ``nn.Parameter`` (``onnx2torch`` keeps Gemm/MatMul weights and
    folded constants as buffers, which would neither train nor be pruned), except BatchNorm running
-   statistics; ``Reshape`` nodes with a constant shape become ``torch.reshape`` calls with a literal
-   shape, so the dependency graph can follow the channels through them.
+   statistics; ``Reshape``/``Pad``/``Squeeze``/``Unsqueeze`` modules whose sizes are constant
+   tensors become torch calls with literal sizes, so the dependency graph follows the channels
+   through them and ``torch.export`` meets no data-dependent size; ``MatMul`` with a constant
+   weight (and a following constant ``Add``) becomes ``nn.Linear`` (a TF ``Dense``).
 
 Examples
 --------
@@ -266,29 +268,132 @@ def _attr(gm: nn.Module, target: str):
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _literal_reshapes(gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> None:
-    """``OnnxReshape(x, <constant shape>)`` -> ``torch.reshape(x, (d0, d1, ...))``; a 0 copies the
-    input's dim (ONNX semantics), from the static shape of ``x``."""
-    from onnx2torch.node_converters.reshape import OnnxReshape
+def _constant(gm: nn.Module, arg) -> list | None:
+    """The value of a ``get_attr`` argument as a (nested) list, else None."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return _attr(gm, arg.target).detach().tolist()
+    return None
 
+
+def _reshape(module, x, args, shape):
+    dims = [int(d) for d in args[0]]
+    if 0 in dims:  # ONNX: 0 copies the input's dim
+        dims = [shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return [(torch.reshape, (tuple(dims),))]
+
+
+def _squeeze(module, x, args, shape):
+    axes = sorted({int(a) % len(shape) for a in args[0]}) if args and args[0] else None
+    return [(torch.squeeze, (tuple(axes),) if axes else ())]
+
+
+def _unsqueeze(module, x, args, shape):
+    rank = len(shape) + len(args[0])
+    return [(torch.unsqueeze, (int(a) % rank,)) for a in sorted(int(a) % rank for a in args[0])]
+
+
+def _pad(module, x, args, shape):
+    pads = [int(p) for p in args[0]]
+    half = len(pads) // 2
+    torch_pads = [p for begin, end in zip(pads[:half][::-1], pads[half:][::-1]) for p in (begin, end)]
+    if module.mode != "constant":
+        while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
+            torch_pads = torch_pads[:-2]
+    value = float(args[1]) if len(args) > 1 and args[1] is not None else 0.0
+    call = (torch.nn.functional.pad, (tuple(torch_pads), module.mode, value))
+    return [call]
+
+
+def _literal_calls() -> dict:
+    from onnx2torch.node_converters.pad import OnnxPadDynamic
+    from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes
+    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes
+
+    return {OnnxReshape: _reshape, OnnxSqueezeDynamicAxes: _squeeze, OnnxUnsqueezeDynamicAxes: _unsqueeze,
+            OnnxPadDynamic: _pad}
+
+
+def _literal_args(gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> None:
+    """onnx2torch modules that read sizes from constant tensors (``Reshape``'s shape, ``Pad``'s pads,
+    ``Squeeze``/``Unsqueeze`` axes) become plain torch calls with literal arguments, so the
+    dependency graph follows channels through them and ``torch.export`` sees no data-dependent size."""
+    table = _literal_calls()
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), OnnxReshape):
+        if node.op != "call_module":
             continue
-        x, target_shape = node.args[:2]
-        if not (isinstance(target_shape, torch.fx.Node) and target_shape.op == "get_attr"):
+        module = gm.get_submodule(node.target)
+        build = table.get(type(module))
+        x, rest = node.args[0], node.args[1:]
+        consts = [_constant(gm, a) for a in rest]
+        if build is None or x.name not in shapes or any(c is None for c, a in zip(consts, rest) if a is not None):
             continue
-        dims = [int(d) for d in _attr(gm, target_shape.target).tolist()]
-        if 0 in dims:
-            in_shape = shapes.get(x.name)
-            if in_shape is None:
-                continue
-            dims = [in_shape[i] if d == 0 else d for i, d in enumerate(dims)]
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(torch.reshape, (x, tuple(dims)))
-        node.replace_all_uses_with(new)
+        value = x
+        with gm.graph.inserting_before(node):
+            for fn, args in build(module, x, consts, shapes[x.name]):
+                value = gm.graph.call_function(fn, (value, *args))
+        node.replace_all_uses_with(value)
         gm.graph.erase_node(node)
+    _drop_unread(gm)
+
+
+def _drop_unread(gm: torch.fx.GraphModule) -> None:
+    """Dead code out of the graph, and the constants no ``get_attr`` reads any more out of the module."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    owners = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name, _ in [*gm.named_buffers(), *gm.named_parameters()]:
+        owner, _, attr = name.rpartition(".")
+        if name not in read and not any(owner == o or owner.startswith(o + ".") for o in owners):
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _sole_constant(gm: nn.Module, node, dim: int) -> torch.Tensor | None:
+    """The float parameter ``node`` reads, if it is a ``get_attr`` of ``dim`` dims read only once."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1):
+        return None
+    value = _attr(gm, node.target)
+    return value if isinstance(value, nn.Parameter) and value.dim() == dim else None
+
+
+def _bias_add(gm: nn.Module, node, width: int):
+    """``(add node, bias)`` when the only user of ``node`` adds a constant vector of ``width``."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    if len(node.users) != 1:
+        return None
+    add = next(iter(node.users))
+    module = gm.get_submodule(add.target) if add.op == "call_module" else None
+    if not (isinstance(module, OnnxBinaryMathOperation) and module.math_op_function is torch.add and module.broadcast is None):
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    bias = _sole_constant(gm, other, 1)
+    return (add, bias) if bias is not None and bias.shape[0] == width else None
+
+
+def _dense_as_linear(gm: torch.fx.GraphModule) -> None:
+    """``MatMul(x, W)`` (+ ``Add(b)``) with constant ``W`` -> ``nn.Linear``: a TF Dense layer is then a
+    layer that weight-based methods score like any other."""
+    from onnx2torch.node_converters.matmul import OnnxMatMul
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), OnnxMatMul):
+            continue
+        weight = _sole_constant(gm, node.args[1], 2)
+        if weight is None:
+            continue
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+        linear.weight = nn.Parameter(weight.detach().t().contiguous())
+        found = _bias_add(gm, node, weight.shape[1])
+        if found is not None:
+            add, bias = found
+            linear.bias = nn.Parameter(bias.detach().clone())
+            add.replace_all_uses_with(node)
+            gm.graph.erase_node(add)
+        gm._modules[node.target] = linear
+        node.args = (node.args[0],)
+    _drop_unread(gm)
 
 
 def _node_shapes(gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -317,7 +422,8 @@ def convert(model, shape: tuple[int, ...] | None = None, source: str = "the ONNX
         shapes = _node_shapes(gm, shape)
     except Exception as exc:
         raise ModelLoadError(f"{source}: the converted model does not run at input {shape} ({_one_line(exc)})") from None
-    _literal_reshapes(gm, shapes)
+    _literal_args(gm, shapes)
+    _dense_as_linear(gm)
     gm.graph.lint()
     gm.recompile()
     gm.eval()

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 from ..errors import ModelLoadError
 
@@ -44,9 +45,27 @@ def _worker_env() -> dict:
     return env
 
 
+def _check_file(path: str) -> None:
+    """What can be told without TensorFlow: a ``.keras`` file is a zip archive, an ``.h5`` is HDF5."""
+    if os.path.isdir(path):
+        return
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    lower = path.lower()
+    if lower.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a Keras archive (a .keras file is a zip archive)")
+    if lower.endswith((".h5", ".hdf5")) and head != b"\x89HDF\r\n\x1a\n":
+        raise ModelLoadError(f"{path}: not an HDF5 file")
+    if not head:
+        raise ModelLoadError(f"{path} is empty")
+
+
 def to_onnx(path: str, out: str, shape: tuple[int, ...] | None = None, opset: int = OPSET) -> tuple[int, ...]:
     """Convert the TF/Keras model at ``path`` to the ONNX file ``out`` (NCHW input) in a subprocess;
     returns the NCHW input shape the conversion used."""
+    _check_file(path)
     if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf2onnx") is None:
         raise ModelLoadError(f"{path}: TensorFlow/Keras models need tensorflow and tf2onnx (pip install -e '.[tf]')")
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_tf_worker.py")  # a script: no torch import
