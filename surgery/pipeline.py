@@ -64,6 +64,10 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     if output not in OUTPUTS:
         raise PlanError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
     inputs = normalize_inputs(example_inputs)
+    if isinstance(data, str):  # text for a language model: "pydoc" or a .txt file, tokenised for it
+        from .calibration.text import text_calibration
+
+        data = text_calibration(data, model, inputs)
     if plan is None:
         check_ratio(ratio)
         opts, _ = split_options(method, options)  # fail on a bad option before any work

@@ -39,6 +39,9 @@ class GroupPlan:
     keep: tuple[int, ...]
     label: str = ""
     fold: tuple[tuple[int, int, float], ...] = ()
+    # bias compensation (FLAP): (removed channel, its mean input) pairs; every consumer's bias gains
+    # sum_c mean_c * W[:, c] over them, in both modes (a removed channel then reads as its mean)
+    shift: tuple[tuple[int, float], ...] = ()
 
     @property
     def removed(self) -> list[int]:
@@ -115,7 +118,8 @@ class Plan:
         d = asdict(self)
         d["version"] = PLAN_VERSION
         d["groups"] = [
-            {"id": g.id, "size": g.size, "keep": list(g.keep), "label": g.label, **({"fold": [list(t) for t in g.fold]} if g.fold else {})}
+            {"id": g.id, "size": g.size, "keep": list(g.keep), "label": g.label, **({"fold": [list(t) for t in g.fold]} if g.fold else {}),
+             **({"shift": [list(t) for t in g.shift]} if g.shift else {})}
             for g in self.groups
         ]
         d["notes"] = {str(k): v for k, v in self.notes.items()}
@@ -131,7 +135,8 @@ class Plan:
                 raise PlanError(f"unsupported plan version {d.get('version')!r} (expected {PLAN_VERSION})")
             groups = tuple(
                 GroupPlan(int(g["id"]), int(g["size"]), tuple(int(i) for i in g["keep"]), str(g.get("label", "")),
-                          tuple((int(r), int(c), float(v)) for r, c, v in g.get("fold", ())))
+                          tuple((int(r), int(c), float(v)) for r, c, v in g.get("fold", ())),
+                          tuple((int(c), float(v)) for c, v in g.get("shift", ())))
                 for g in d["groups"]
             )
             return cls(
@@ -195,6 +200,8 @@ class Plan:
                 raise PlanError(f"plan group {g.id} keeps an index outside 0..{g.size - 1} or twice")
             if any(not (0 <= r < len(g.keep) and 0 <= c < g.size) or not np.isfinite(v) for r, c, v in g.fold):
                 raise PlanError(f"plan group {g.id} has a fold entry outside its {len(g.keep)} x {g.size} matrix or not finite")
+            if any(c not in g.removed or not np.isfinite(v) for c, v in g.shift):
+                raise PlanError(f"plan group {g.id} shifts a channel it keeps, or by a value that is not finite")
 
 
 def check_ratio(ratio, name: str = "ratio") -> float:

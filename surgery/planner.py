@@ -33,7 +33,7 @@ __all__ = ["PlanOptions", "split_options", "plan_from_graph", "leaf_names", "sco
 class PlanOptions:
     """Planning options shared by every method (method options are declared by each method)."""
 
-    policy: str | None = None  # "local" or "global"; default local, global with target_macs
+    policy: str | None = None  # "local", "global" or "uniform"; default local, global with target_macs
     normalize: str | None = None  # global policy's score normalisation; default: the method's
     layer_ratios: dict = field(default_factory=dict)
     skip_cross_channel: bool = False
@@ -139,7 +139,7 @@ def score_groups(model, graph, method: str, groups, data, opts: PlanOptions, met
 
 def _select(groups, scores: dict, ratio: float, opts: PlanOptions, normalize: str, k_global: int | None) -> dict:
     lr = opts.layer_ratios
-    if (opts.policy or "local") == "global" or k_global is not None:
+    if (opts.policy or "local") in ("global", "uniform") or k_global is not None:
         matched = [g for g in groups if policies.group_ratio(g, -1.0, lr) >= 0]
         free = [g for g in groups if g not in matched]
         k = k_global if k_global is not None else int(ratio * sum(g.size for g in free))
@@ -147,6 +147,8 @@ def _select(groups, scores: dict, ratio: float, opts: PlanOptions, normalize: st
         removed.update(policies.local(matched, scores, {g.id: policies.group_ratio(g, ratio, lr) for g in matched}))
     else:
         removed = policies.local(groups, scores, {g.id: policies.group_ratio(g, ratio, lr) for g in groups})
+    if opts.policy == "uniform":
+        removed = policies.uniform(groups, scores, removed)
     return policies.round_kept(groups, scores, removed, opts.round_to)
 
 
@@ -166,7 +168,9 @@ def build_plan(graph, method: str, ratio: float, policy: str, opts: PlanOptions,
             if fold.shape != (len(keep), g.size) or not np.isfinite(fold).all():
                 raise PlanError(f"method {method!r} returned a fold of shape {fold.shape} for group {g.id} "
                                 f"(expected {(len(keep), g.size)}, finite)")
-        plans.append(GroupPlan(g.id, g.size, keep, g.label, GroupPlan.sparse(fold) if fold is not None else ()))
+        mean = scores.shift.get(g.id)
+        shift = tuple((int(c), float(mean[c])) for c in sorted(gone) if mean[c] != 0) if mean is not None else ()
+        plans.append(GroupPlan(g.id, g.size, keep, g.label, GroupPlan.sparse(fold) if fold is not None else (), shift))
     recorded = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
     recorded["leaf_modules"] = list(leaves)
     recorded["free_outputs"] = list(opts.free_outputs)
@@ -258,7 +262,7 @@ def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored
     base = macs_of(build_plan(graph, method, ratio, policy, opts, method_opts, scores, {}, leaves))
     if base <= 0:
         raise PlanError("the model has no MACs to reduce")
-    glob = policy == "global"
+    glob = policy in ("global", "uniform")
     hi = policies.removable([g for g in scored if policies.group_ratio(g, -1.0, opts.layer_ratios) < 0]) if glob else 999
     best: tuple[float, Plan] | None = None
     lo = 0

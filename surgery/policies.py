@@ -7,6 +7,10 @@
   and every group keeps at least one.
 * per-layer ratios: ``{"layer4.*": 0.7}`` (fnmatch patterns over the modules that produce a group's
   channels) override the ratio for the groups they match, as a local step in either policy.
+* ``uniform``: ranked as ``global``, then every *kind* of group (same size, same producing modules
+  up to the layer index: the MLP neurons of every block, the KV groups of every attention, ...) has
+  its removed channels spread evenly, each group losing its own lowest-scored ones, so every layer
+  keeps the same width (what a stock Hugging Face config can describe).
 * ``round_to=N``: each group of at least N channels keeps a multiple of N (the nearest, at least N).
 
 Examples
@@ -24,12 +28,13 @@ Examples
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import numpy as np
 
-__all__ = ["POLICIES", "NORMALIZE", "local", "global_", "group_ratio", "round_kept", "removable"]
+__all__ = ["POLICIES", "NORMALIZE", "local", "global_", "uniform", "kind_of", "group_ratio", "round_kept", "removable"]
 
-POLICIES = ("local", "global")
+POLICIES = ("local", "global", "uniform")
 NORMALIZE = ("mean", "none")
 
 
@@ -84,6 +89,36 @@ def global_(groups, scores, k: int, normalize: str = "mean") -> dict[int, np.nda
             left[gid] -= 1
             budget -= 1
     return {gid: np.sort(np.array(r, dtype=np.int64)) for gid, r in removed.items()}
+
+
+def kind_of(group) -> tuple:
+    """Groups of one kind: the same size and the same producing modules once layer indices are
+    dropped (``model.layers.3.mlp.up_proj`` -> ``model.layers.#.mlp.up_proj``)."""
+    names = group.producers or group.modules[:3]
+    return (group.size, tuple(sorted({re.sub(r"\.\d+(?=\.|$)", ".#", m) for m in names})))
+
+
+def uniform(groups, scores, removed: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Spread each kind's removed channels evenly over its groups (each keeps at least one; the
+    average is rounded to the nearest count); every group loses its own lowest-scored channels.
+
+    >>> import numpy as np
+    >>> from types import SimpleNamespace as G
+    >>> gs = [G(id=i, size=4, producers=[f"l.{i}.fc"]) for i in range(2)]
+    >>> out = uniform(gs, {0: np.array([1., 2, 3, 4]), 1: np.array([4., 3, 2, 1])}, {0: np.array([0, 1, 2]), 1: np.array([3])})
+    >>> {k: v.tolist() for k, v in out.items()}
+    {0: [0, 1], 1: [2, 3]}
+    """
+    kinds: dict[tuple, list] = {}
+    for g in groups:
+        kinds.setdefault(kind_of(g), []).append(g)
+    out = dict(removed)
+    for members in kinds.values():
+        total = sum(len(removed.get(g.id, ())) for g in members)
+        n = min(int(np.floor(total / len(members) + 0.5)), members[0].size - 1)
+        for g in members:
+            out[g.id] = _lowest(np.asarray(scores[g.id], dtype=np.float64), n)
+    return out
 
 
 def round_kept(groups, scores, removed: dict[int, np.ndarray], n: int) -> dict[int, np.ndarray]:

@@ -74,6 +74,8 @@ def _folded(graph: DependencyGraph, plan: Plan) -> dict[tuple[str, str], torch.T
 
     out: dict[tuple[str, str], torch.Tensor] = {}
     for gp in plan.groups:
+        if gp.shift:
+            _shift_biases(graph, gp, out)
         fold = gp.fold_matrix()
         if fold is None:
             continue
@@ -86,6 +88,30 @@ def _folded(graph: DependencyGraph, plan: Plan) -> dict[tuple[str, str], torch.T
             base = out.get(key, getattr(_owner(graph.root, site.owner), site.weight))
             out[key] = _fold_tensor(base, member, gp.keep, fold)
     return out
+
+
+def _shift_biases(graph: DependencyGraph, gp, out: dict) -> None:
+    """Bias compensation: every linear consumer's bias gains ``sum_c mean_c * W[:, c]`` over the
+    removed channels ``c`` of ``gp.shift`` (added to ``out`` like a fold, so both modes apply it)."""
+    from .roles import consumers
+
+    done = set()
+    for site, member in consumers(graph, graph.groups[gp.id]):
+        if (site.owner, site.weight) in done:
+            continue
+        done.add((site.owner, site.weight))
+        if site.kind != "linear" or site.bias is None:
+            raise RewriteError(f"cannot compensate group {gp.id} into {site.owner or 'the model'}: "
+                               f"only a linear consumer with a bias can take the removed channels' means")
+        lists = member.index_map()
+        w = getattr(_owner(graph.root, site.owner), site.weight).detach().double()
+        key = (site.owner, site.bias)
+        base = out.get(key, getattr(_owner(graph.root, site.owner), site.bias)).detach()
+        delta = torch.zeros(w.shape[0], dtype=torch.float64)
+        for c, mean in gp.shift:
+            if c < len(lists) and lists[c]:
+                delta += mean * w[:, lists[c]].sum(1)
+        out[key] = (base.double() + delta).to(base.dtype)
 
 
 def _sliced_copies(gm: nn.Module, per_tensor, folded) -> dict[int, torch.Tensor]:

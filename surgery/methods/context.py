@@ -28,6 +28,9 @@ class Scores:
     scores: dict[int, np.ndarray]
     skipped: dict[int, str] = field(default_factory=dict)
     fold: Callable[[int, np.ndarray], "np.ndarray | None"] | None = None
+    #: bias compensation: ``shift[gid]`` is each channel's mean at its consumers' (linear) input;
+    #: the removed channels' means go into the consumers' biases (see ``GroupPlan.shift``)
+    shift: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

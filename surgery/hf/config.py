@@ -1,0 +1,240 @@
+"""Write a pruned Hugging Face model's widths into its ``config`` and its modules' derived attributes.
+
+Widths are read from the pruned tensors, per transformer block: query heads (query projection rows /
+head dim; GPT-2's fused ``c_attn`` / 3), key/value heads, MLP neurons; the hidden size from the input
+embedding. When every block agrees, they are written under the config's own names (``hidden_size`` /
+``n_embd`` / ``d_model``, ``intermediate_size`` / ``n_inner`` / ``d_ff``, ``num_attention_heads`` /
+``n_head`` / ``num_heads``, ``num_key_value_heads``, ``head_dim`` / ``d_kv`` written explicitly), a
+model of the same class is built from that config on the meta device, and its state-dict shapes must
+equal the pruned model's: then ``from_pretrained`` rebuilds exactly this model. The scalar attributes
+its ``__init__`` derived from the config (``num_key_value_groups``, ``scaling``, GPT-2's
+``split_size``, ``Conv1D.nf``, ...) are copied onto the pruned modules.
+
+When blocks differ (a plan without ``policy="uniform"``), each block gets the attributes a model built
+with *its* widths would have, so the module runs; the widths go to ``config.surgery_layer_widths``, a
+warning says so, and ``save_pretrained`` raises :class:`NonUniformWidths` (``surgery.save`` keeps it).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+
+__all__ = ["NonUniformWidths", "is_hf_model", "layer_widths", "sync_config"]
+
+# width kind -> config attribute names, first one the config knows is written
+CONFIG_NAMES = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "intermediate": ("intermediate_size", "n_inner", "d_ff"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim", "d_kv"),
+}
+_Q = ("q_proj", "query", "q", "c_attn")
+_K = ("k_proj", "key", "k")
+_MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "wi_0", "intermediate.dense")
+
+
+class NonUniformWidths(SurgeryError):
+    """A pruned HF model whose layers have different widths: a stock config cannot describe it."""
+
+
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers)."""
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def _knows(config, name: str) -> bool:
+    return name in config.to_dict() or name in getattr(config, "attribute_map", {})
+
+
+def _config_name(config, kind: str) -> str | None:
+    return next((n for n in CONFIG_NAMES[kind] if _knows(config, n)), None)
+
+
+def head_dim_of(config) -> int:
+    """Per-head width of the original config (pruning removes whole heads, never head dims)."""
+    for name in ("head_dim", "d_kv"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return int(getattr(config, "hidden_size")) // int(getattr(config, "num_attention_heads"))
+
+
+def _out_width(m: nn.Module) -> int | None:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    return int(w.shape[1]) if type(m).__name__ == "Conv1D" else int(w.shape[0])  # Conv1D stores (in, out)
+
+
+def _find(block: nn.Module, names) -> tuple[str, nn.Module] | None:
+    for qual, m in block.named_modules():
+        if any(qual == n or qual.endswith("." + n) for n in names) and _out_width(m) is not None:
+            return qual, m
+    return None
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(qualified name, block)]`` of every transformer block (children of a ModuleList holding
+    an attention or MLP projection)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(type(c) is type(m[0]) for c in m):
+            if _find(m[0], _Q) is not None or _find(m[0], _MLP_IN) is not None:
+                out += [(f"{name}.{i}", c) for i, c in enumerate(m)]
+    return out
+
+
+def layer_widths(model: nn.Module, config=None) -> dict[str, dict[str, int]]:
+    """``{block name: {"heads", "kv_heads", "intermediate": width}}`` read from the tensors."""
+    config = config if config is not None else model.config
+    hd = head_dim_of(config)
+    out = {}
+    for name, block in blocks(model):
+        w: dict[str, int] = {}
+        q = _find(block, _Q)
+        if q is not None:
+            n = _out_width(q[1])
+            w["heads"] = (n // 3 if q[0].endswith("c_attn") else n) // hd
+        k = _find(block, _K)
+        if k is not None and _config_name(config, "kv_heads"):
+            w["kv_heads"] = _out_width(k[1]) // hd
+        mlp = _find(block, _MLP_IN)
+        if mlp is not None:
+            w["intermediate"] = _out_width(mlp[1])
+        out[name] = w
+    return out
+
+
+def _meta_model(model: nn.Module, config) -> nn.Module:
+    """A model of ``model``'s class built from ``config`` on the meta device (no memory, no init)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(model)(config)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            return f"{k}: pruned {a.get(k)}, config gives {b.get(k)}"
+    return ""
+
+
+def _copy_scalars(dst: nn.Module, src: nn.Module, prefix: str = "") -> None:
+    """Copy the int/float attributes (and int tuples) of every module of ``src`` under ``prefix``
+    onto the same-named module of ``dst``: what ``__init__`` derived from the config."""
+    for name, s in src.named_modules():
+        if prefix and not (name == prefix or name.startswith(prefix + ".")):
+            continue
+        try:
+            d = dst.get_submodule(name)
+        except AttributeError:
+            continue
+        for key, v in vars(s).items():
+            if key.startswith("_") or key == "training" or isinstance(v, bool):
+                continue
+            scalar = isinstance(v, (int, float)) or (isinstance(v, tuple) and all(isinstance(i, int) for i in v))
+            if scalar and getattr(d, key, None) != v:
+                setattr(d, key, v)
+
+
+def _with_widths(config, widths: dict[str, int]):
+    cfg = copy.deepcopy(config)
+    for kind, value in widths.items():
+        name = _config_name(cfg, kind)
+        if name is not None:
+            setattr(cfg, name, int(value))
+    return cfg
+
+
+def _invalid(config) -> str:
+    """The config's own validation error for its values, as one line ("" when valid)."""
+    check = getattr(config, "validate", None)
+    if check is None:
+        return ""
+    try:
+        check()
+    except Exception as exc:  # transformers wraps the ValueError of its validators
+        cause = exc.__cause__ or exc
+        return str(cause).strip().splitlines()[-1].strip() if str(cause).strip() else type(cause).__name__
+    return ""
+
+
+def _refuse_save(reason: str):
+    def save_pretrained(self, *args, **kwargs):
+        raise NonUniformWidths(f"cannot save_pretrained: {reason}; plan with policy='uniform', "
+                               f"or keep this model with surgery.save(model, path)")
+    return save_pretrained
+
+
+def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
+    """Update ``model`` (a pruned copy, changed in place) so its config and modules describe its widths.
+
+    Returns ``""`` when a stock config describes the model exactly, else the reason (the model still
+    runs, ``save_pretrained`` then raises :class:`NonUniformWidths`)."""
+    config = model.config
+    before = getattr(original, "config", config)
+    widths = layer_widths(model, before)
+    hidden = model.get_input_embeddings().weight.shape[1] if model.get_input_embeddings() is not None else None
+    common: dict[str, int] = {"head_dim": head_dim_of(before)}
+    if hidden is not None and _config_name(config, "hidden"):
+        common["hidden"] = int(hidden)
+    kinds = sorted({k for w in widths.values() for k in w})
+    per_kind = {k: [w.get(k) for w in widths.values()] for k in kinds}
+    uneven = {k: v for k, v in per_kind.items() if len(set(v)) > 1}
+    if not uneven:
+        uniform = {**common, **{k: v[0] for k, v in per_kind.items() if v}}
+        cfg = _with_widths(config, uniform)
+        if _config_name(cfg, "head_dim") is None and "hidden" in uniform and "heads" in uniform:
+            if uniform["hidden"] != uniform["heads"] * common["head_dim"]:
+                return _non_expressible(model, config, widths, common,
+                                        f"this config ties head_dim to hidden_size / heads "
+                                        f"({uniform['hidden']} / {uniform['heads']} != {common['head_dim']})")
+        invalid = _invalid(cfg)
+        if invalid:
+            return _non_expressible(model, config, widths, common, f"the config rejects these widths ({invalid})")
+        try:
+            fresh = _meta_model(model, cfg)
+        except Exception as exc:  # the class's own checks (GPT-2: embed_dim % num_heads)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return _non_expressible(model, config, widths, common, f"{type(model).__name__} rejects these widths ({first})")
+        diff = _first_difference(_shapes(model), _shapes(fresh))
+        if not diff:
+            for key, value in cfg.to_dict().items():
+                if key in config.to_dict() and getattr(config, key, None) != value:
+                    setattr(config, key, getattr(cfg, key))
+            _copy_scalars(model, fresh)
+            return ""
+        return _non_expressible(model, config, widths, common, f"the config cannot describe the pruned shapes ({diff})")
+    shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in uneven.items())
+    return _non_expressible(model, config, widths, common, f"widths differ between layers ({shown})")
+
+
+def _non_expressible(model, config, widths, common, reason: str) -> str:
+    """Give each block the attributes of a model built with its own widths; record and guard."""
+    first = next(iter(widths.values()), {})
+    _copy_scalars(model, _meta_model(model, _with_widths(config, {**common, **first})))
+    for name, w in widths.items():
+        fresh = _meta_model(model, _with_widths(config, {**common, **w}))
+        _copy_scalars(model, fresh, prefix=name)
+    if "hidden" in common:
+        name = _config_name(config, "hidden")
+        setattr(config, name, common["hidden"])
+    config.surgery_layer_widths = {k: dict(v) for k, v in widths.items()}
+    model.save_pretrained = types.MethodType(_refuse_save(reason), model)
+    warnings.warn(f"surgery: a stock {type(config).__name__} cannot hold this pruned model: {reason}; "
+                  f"the model runs, save_pretrained refuses (use policy='uniform' or surgery.save)", stacklevel=3)
+    return reason
