@@ -19,7 +19,7 @@ from surgery.errors import ModelLoadError
 from surgery.frontends.caffe import load_caffe
 from surgery.layers import Affine
 
-from caffe_nets import NETS, batch_norm, channel, conv, relu, write_caffemodel
+from caffe_nets import NETS, batch_norm, channel, conv, fc, relu, write_caffemodel
 from helpers import check_pruned_equals_masked, n_params
 
 
@@ -151,6 +151,46 @@ def test_scale_is_not_folded_when_the_unscaled_blob_is_read_again(tmp_path):
     ref = relu(bn * channel(blobs["sc"][0]) + channel(blobs["sc"][1])) + bn
     with torch.no_grad():
         assert rel(gm(torch.tensor(x, dtype=torch.float32)).double().numpy(), ref) < 1e-5
+
+
+SE_BLOCK = """
+input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.4 beta: 0.75 } }
+layer { name: "squeeze" type: "Pooling" bottom: "norm" top: "squeeze" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "down" type: "InnerProduct" bottom: "squeeze" top: "down" inner_product_param { num_output: 4 } }
+layer { name: "down/relu" type: "ReLU" bottom: "down" top: "down" }
+layer { name: "up" type: "InnerProduct" bottom: "down" top: "up" inner_product_param { num_output: 8 } }
+layer { name: "gate" type: "Sigmoid" bottom: "up" top: "up" }
+layer { name: "excite" type: "Scale" bottom: "norm" bottom: "up" top: "excite" scale_param { axis: 0 } }
+layer { name: "out" type: "Convolution" bottom: "excite" top: "out" convolution_param { num_output: 6 kernel_size: 1 } }
+"""
+
+
+def test_se_block_with_two_bottom_scale_and_within_channel_lrn(tmp_path):
+    """Squeeze-excitation as Caffe wrote it: a Scale whose gamma is the second bottom (axis 0, N x C
+    against N x C x H x W), after a WITHIN_CHANNEL LRN (mean of squares over a 3x3 square)."""
+    rng = np.random.default_rng(4)
+    blobs = {"conv": [rng.standard_normal((8, 3, 3, 3)) / 5, rng.standard_normal(8) * 0.1],
+             "down": [rng.standard_normal((4, 8)) / 3, rng.standard_normal(4) * 0.1],
+             "up": [rng.standard_normal((8, 4)) / 2, rng.standard_normal(8) * 0.1],
+             "out": [rng.standard_normal((6, 8, 1, 1)) / 3, rng.standard_normal(6) * 0.1]}
+    blobs = {k: [np.asarray(a, np.float32).astype(np.float64) for a in v] for k, v in blobs.items()}
+    (tmp_path / "se.prototxt").write_text(SE_BLOCK)
+    write_caffemodel(tmp_path / "se.caffemodel", blobs)
+    gm = load_caffe(tmp_path / "se.prototxt", tmp_path / "se.caffemodel")
+    x = rng.standard_normal((1, 3, 8, 8))
+    y = relu(conv(x, *blobs["conv"], pad=1))
+    sq = np.pad(y ** 2, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    mean = sum(sq[:, :, i:i + 8, j:j + 8] for i in range(3) for j in range(3)) / 9
+    y = y / (1 + 0.4 * mean) ** 0.75
+    gate = 1 / (1 + np.exp(-fc(relu(fc(y.mean(axis=(2, 3)), *blobs["down"])), *blobs["up"])))
+    ref = conv(y * gate[:, :, None, None], *blobs["out"])
+    with torch.no_grad():
+        assert rel(gm(torch.tensor(x, dtype=torch.float32)).double().numpy(), ref) < 1e-5
+    plan, pruned, _ = check_pruned_equals_masked(gm, torch.randn(1, 3, 8, 8), method="l1", ratio=0.5)
+    assert pruned.get_submodule("conv").out_channels == 4 == pruned.get_submodule("up").out_features
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ input plus padding; PyTorch's ``ceil_mode`` does the same, and its ``count_inclu
 divides by the window clipped to the padded input, which is Caffe's ``AVE`` divisor. Where the two
 would size an output differently (a stride wider than the kernel without padding), the layer is
 refused rather than computed differently. Caffe's LRN (``ACROSS_CHANNELS``) divides ``alpha`` by
-``local_size`` as ``nn.LocalResponseNorm`` does.
+``local_size`` as ``nn.LocalResponseNorm`` does; ``WITHIN_CHANNEL`` is spelled out with pooling.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .builder import NetBuilder, builds
@@ -87,12 +88,22 @@ def power(b: NetBuilder, layer: Layer) -> None:
 
 @builds("LRN")
 def lrn(b: NetBuilder, layer: Layer) -> None:
+    """ACROSS_CHANNELS: ``nn.LocalResponseNorm``. WITHIN_CHANNEL: ``x / (1 + alpha * mean(x^2))^beta``
+    over a ``local_size`` square (zero padded, the mean always over ``local_size^2``; ``k`` unused)."""
     p = layer.param("lrn_param")
-    if p.norm_region != 0:
-        raise b.error(layer, "norm_region WITHIN_CHANNEL is not supported (ACROSS_CHANNELS is)")
-    if p.local_size % 2 == 0:
-        raise b.error(layer, f"local_size must be odd, got {p.local_size}")
-    _one_module(b, layer, nn.LocalResponseNorm(int(p.local_size), alpha=p.alpha, beta=p.beta, k=p.k))
+    n = int(p.local_size)
+    if n % 2 == 0:
+        raise b.error(layer, f"local_size must be odd, got {n}")
+    if p.norm_region == 0:
+        _one_module(b, layer, nn.LocalResponseNorm(n, alpha=p.alpha, beta=p.beta, k=p.k))
+        return
+    (x,) = b.bottoms(layer, 1)
+    if len(b.shape(x)) != 4:
+        raise b.error(layer, f"WITHIN_CHANNEL normalises 4-D inputs, got {list(b.shape(x))}")
+    mean = b.function(layer, F.avg_pool2d, b.function(layer, operator.mul, x, x), n, 1, (n - 1) // 2,
+                      count_include_pad=True)
+    scale = b.function(layer, operator.add, b.function(layer, operator.mul, mean, float(p.alpha)), 1.0)
+    b.tops(layer, b.function(layer, operator.mul, x, b.function(layer, torch.pow, scale, -float(p.beta))))
 
 
 # -- pooling --------------------------------------------------------------------------------------
