@@ -177,11 +177,17 @@ def test_load_dispatch_and_cli(tmp_path):
     path = caffe_style(tmp_path / "caffe.onnx")
     model, shape, source = load_model(str(path))
     assert shape == (1, 3, 8, 8) and source == f"ONNX model {path}"
+    loaded = surgery.load(str(path))
+    assert loaded.meta["surgery_input_shape"] == (1, 3, 8, 8)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ModelLoadError, match=r"an ONNX or TensorFlow model takes only input_shape=, got weights$"):
+        surgery.load(str(path), weights="w.caffemodel")
     out = tmp_path / "pruned.pt"
     result = CliRunner().invoke(app, ["prune", str(path), "--method", "l1", "--ratio", "0.5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     reloaded = surgery.load(str(out))
-    x = torch.randn(1, 3, 8, 8)
     assert reloaded(x).shape == (1, 4)
 
 
