@@ -225,17 +225,21 @@ def test_forged_class_names_never_import_outside_the_allowed_packages(tmp_path, 
         assert all(name.split(".")[0] in ("torch", "torchvision", "timm", "transformers", "surgery") for name in imported), imported
 
 
-def test_torch_save_of_a_pruned_model_round_trips(pruned_models):
+def test_torch_save_of_a_pruned_model_round_trips(pruned_models, tmp_path):
     model = torchvision.models.resnet18().eval()
     pruned = pruned_models("resnet18")
     # nothing surgery used (fx tracing, meta, hooks) is left on the user's modules
     assert [sorted(vars(m)) for m in pruned.modules()] == [sorted(vars(m)) for m in model.modules()]
-    buf = io.BytesIO()
-    torch.save(pruned, buf)
-    buf.seek(0)
-    back = torch.load(buf, weights_only=False)
-    assert type(back) is type(pruned)
-    _same_outputs(back, pruned)
+    surgery.save(pruned, tmp_path / "p.pt", example_inputs=X)
+    loaded = _load(tmp_path / "p.pt")
+    assert [sorted(vars(m)) for m in loaded.modules()] == [sorted(vars(m)) for m in model.modules()]
+    for m in (pruned, loaded):  # the pruned model, and the one a checkpoint rebuilt
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert type(back) is type(pruned)
+        _same_outputs(back, pruned)
 
 
 def test_export_front_end_results_save_and_reload(tmp_path):
@@ -261,3 +265,26 @@ def test_export_front_end_results_save_and_reload(tmp_path):
     mine = _load(tmp_path / "o.pt", trust=True)
     assert type(mine) is ShapeChecked and mine.c1.out_channels == own.c1.out_channels == 4
     _same_outputs(mine, own)
+
+
+def test_cli_reads_and_prunes_an_own_class_checkpoint(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    pruned = _pruned(Block)
+    meta = {"method": "l1", "ratio": 0.5, "source": "Block", "input_shape": [1, 3, 32, 32]}
+    surgery.save(pruned, tmp_path / "b.pt", metadata=meta, example_inputs=X)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    params = sum(p.numel() for p in pruned.parameters())
+    for trust in ([], ["--trust"]):  # the graph without --trust, the class with it: same numbers
+        r = CliRunner().invoke(app, ["stats", "b.pt", *trust])
+        assert r.exit_code == 0, r.output
+        assert f" {params} " in r.output.split("params", 1)[1].split("\n")[0], r.output
+        assert "l1 ratio 0.5 from Block" in r.output
+    r = CliRunner().invoke(app, ["prune", "b.pt", "--trust", "--ratio", "0.25", "--out", "b2.pt"])
+    assert r.exit_code == 0 and "result: Block" in r.output, r.output
+    again = _load(tmp_path / "b2.pt", trust=True)
+    assert type(again) is Block and checkpoint.metadata_of(again)["source"] == "surgery checkpoint b.pt"
+    assert sum(p.numel() for p in again.parameters()) < params
