@@ -145,9 +145,7 @@ class NetBuilder:
         return nodes
 
     def tops(self, layer: Layer, *nodes: torch.fx.Node) -> None:
-        """Bind the layer's tops to ``nodes`` (one node for every top if a single node is given)."""
-        if len(nodes) == 1 and len(layer.tops) > 1 and layer.type == "Split":
-            nodes = nodes * len(layer.tops)
+        """Bind the layer's tops to ``nodes``, one node per top."""
         if len(nodes) != len(layer.tops):
             raise self.error(layer, f"has {len(layer.tops)} top blob(s), expected {len(nodes)}")
         for blob, node in zip(layer.tops, nodes):
