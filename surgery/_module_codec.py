@@ -52,6 +52,8 @@ _INTERNALS = frozenset(vars(nn.Module()))
 #: ``nn.Module`` bookkeeping that holds hooks: a module with any hook is not stored as a tree.
 _HOOKS = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, dict) and k not in ("_parameters", "_buffers", "_modules"))
 _DERIVED = {"_flat_weights", "_flat_weight_refs"}  # RNN weight lists, rebuilt by _init_flat_weights
+#: Besides the graph allow-list, where functions held as module attributes may come from without trust.
+_FUNCTION_MODULES = ("timm.layers.", "transformers.activations", "surgery.layers.")
 
 
 class _NotStorable(Exception):
@@ -118,14 +120,20 @@ class _Resolver:
             ok = isinstance(obj, type) and issubclass(obj, enum.Enum)
         elif kind == "class":
             ok = isinstance(obj, type)
-        else:  # functions: torch's through the graph allow-list, else plain functions of the allowed packages
-            ok = callable(obj) and not isinstance(obj, type)
-            if ok and not self.trust and name.split(".")[0].split(":")[0] == "torch":
-                ok = allow._function_allowed(name.replace(":", ".")) is obj or allow._function_allowed(
-                    f"{obj.__module__}.{getattr(obj, '__name__', '')}") is obj
-            elif ok and not self.trust:
-                ok = isinstance(obj, types.FunctionType)
+        else:
+            ok = callable(obj) and not isinstance(obj, type) and (self.trust or _function_ok(obj, name))
         return "" if ok else f"{name} is not a {'module class' if kind == 'module' else kind} that a checkpoint may name"
+
+
+def _function_ok(fn, name: str) -> bool:
+    """Without trust a module attribute may name a function of the graph allow-list (torch ops,
+    ``torch.nn.functional``, torchvision's fx-wrapped helpers) or an activation-style function of
+    timm's layers, transformers' activations or surgery's layers: a forward may call it."""
+    if allow._function_allowed(name.replace(":", ".")) is fn:
+        return True
+    if allow._function_allowed(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}") is fn:
+        return True
+    return isinstance(fn, types.FunctionType) and fn.__module__.startswith(_FUNCTION_MODULES)
 
 
 def decode_attr(v, resolve: _Resolver):

@@ -202,6 +202,8 @@ def _attr(value):
     (_root("torch.__builtins__:eval"), True, ModelLoadError("not a qualified class or function name")),
     (_attr({"$function": "torch:load"}), False, "torch:load is not a function that a checkpoint may name"),
     (_attr({"$function": "subprocess:run"}), False, "subprocess:run is outside the packages"),
+    (_attr({"$function": "timm.models._helpers:load_checkpoint"}), False, "load_checkpoint is not a function that"),
+    (_attr({"$partial": [{"$function": "torch.hub:load"}, [], {"$dict": {}}]}), False, "torch.hub:load is not a function"),
     (lambda tree: tree["modules"][0]["attrs"].update(__class__="x"), True, ModelLoadError("forbidden attribute '__class__'")),
 ])
 def test_forged_class_names_never_import_outside_the_allowed_packages(tmp_path, monkeypatch, edit, trust, expect):
