@@ -53,16 +53,16 @@ def deconv(x, w, b=None, stride=1, pad=0):
     return out if b is None else out + b[None, :, None, None]
 
 
-def pool_size(size, k, s, p):
-    out = int(math.ceil((size + 2 * p - k) / s)) + 1
+def pool_size(size, k, s, p, ceil=True):
+    out = int((math.ceil if ceil else math.floor)((size + 2 * p - k) / s)) + 1
     return out - 1 if p and (out - 1) * s >= size + p else out
 
 
-def pool(x, kernel, stride, pad=0, method="max"):
+def pool(x, kernel, stride, pad=0, method="max", ceil=True):
     """Caffe's pooling loops: ceil-rounded output; AVE divides by the window clipped to input + pad."""
     (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(pad)
     n, c, h, w = x.shape
-    oh, ow = pool_size(h, kh, sh, ph), pool_size(w, kw, sw, pw)
+    oh, ow = pool_size(h, kh, sh, ph, ceil), pool_size(w, kw, sw, pw, ceil)
     out = np.zeros((n, c, oh, ow))
     for i in range(oh):
         for j in range(ow):

@@ -19,7 +19,7 @@ from surgery.errors import ModelLoadError
 from surgery.frontends.caffe import load_caffe
 from surgery.layers import Affine
 
-from caffe_nets import NETS, batch_norm, channel, conv, fc, relu, write_caffemodel
+from caffe_nets import NETS, batch_norm, channel, conv, fc, pool, pool_size, relu, write_caffemodel
 from helpers import check_pruned_equals_masked, n_params
 
 
@@ -124,6 +124,45 @@ def test_surgery_load_still_loads_checkpoints(tmp_path):
     assert torch.equal(surgery.load(tmp_path / "n.pt")(x), net(x))
     with pytest.raises(ModelLoadError, match=r"weights= applies to a Caffe \.prototxt only"):
         surgery.load(tmp_path / "n.pt", weights="x.caffemodel")
+
+
+POOL = """
+input: "data" input_shape {{ dim: 1 dim: 2 dim: {h} dim: {w} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" top: "pool"
+        pooling_param {{ pool: {method} kernel_h: {k} kernel_w: 2 stride_h: {s} stride_w: 1 pad_h: {p} pad_w: 1 round_mode: {mode} }} }}
+"""
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("mode", ["CEIL", "FLOOR"])
+def test_pooling_follows_caffe_sizes_and_divisors(tmp_path, method, mode):
+    """Every small kernel/stride/pad: Caffe's output size, its clipped windows and AVE divisor (which
+    counts padding but not the ceil overhang), or one error where PyTorch would size it differently."""
+    rng = np.random.default_rng(5)
+    proto, checked, refused = tmp_path / "pool.prototxt", 0, 0
+    for h in (5, 6):
+        for k in (2, 3, 4):
+            for s in (1, 2, 3, 5):
+                for p in (0, 1, 2):
+                    if 2 * p > k:
+                        continue
+                    proto.write_text(POOL.format(h=h, w=h + 1, k=k, s=s, p=p, method=method, mode=mode))
+                    x = rng.standard_normal((1, 2, h, h + 1))
+                    ceil = mode == "CEIL"
+                    torch_size = (h + 2 * p - k + (s - 1 if ceil else 0)) // s + 1
+                    torch_size -= ceil and (torch_size - 1) * s >= h + p
+                    if torch_size != pool_size(h, k, s, p, ceil):
+                        with pytest.raises(ModelLoadError, match=r"layer 'pool' \(Pooling\): Caffe pools .* this "
+                                                                 r"kernel/stride/pad combination is not supported"):
+                            load_caffe(proto)
+                        refused += 1
+                        continue
+                    gm = load_caffe(proto)
+                    ref = pool(x, (k, 2), (s, 1), (p, 1), method.lower(), ceil)
+                    out = gm(torch.tensor(x, dtype=torch.float32)).double().numpy()
+                    assert out.shape == ref.shape and rel(out, ref) < 1e-5, (h, k, s, p)
+                    checked += 1
+    assert checked > 30 and (refused > 0) == (mode == "CEIL"), (checked, refused)  # FLOOR sizes always agree
 
 
 BN_READ_TWICE = """
