@@ -1,7 +1,8 @@
 """The pruned model as the user's own object: a deep copy of their model whose modules have the new
 widths, instead of a ``GraphModule``.
 
-The copy is made with every tensor that loses entries already sliced (and folded), then each changed
+The copy is made with every tensor that loses entries already sliced (and folded), sharing them with
+the pruned ``GraphModule`` of the same plan (only one of the two is returned), then each changed
 module's size attributes are set: by its op rule's ``fix`` (``in_channels``, ``num_features``,
 ``num_heads``, ...) for the ``torch.fx`` front end, by a refresh from the parameters' shapes for
 ``torch.nn`` layers under the ``torch.export`` front end. Other modules whose tensors shrank (a class
@@ -73,13 +74,45 @@ def refresh_attributes(module: nn.Module) -> bool:
     if isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
         return True
+    if _torchvision_window_attention(module):  # pruned by whole heads: one table column per head
+        module.num_heads = module.relative_position_bias_table.shape[1]
+        return True
     return False
 
 
+def _torchvision_window_attention(module: nn.Module) -> bool:
+    """torchvision's Swin window attention (2D, V2 and 3D), whose ``forward`` passes ``self.num_heads``."""
+    mod = type(module).__module__
+    return (mod in ("torchvision.models.swin_transformer", "torchvision.models.video.swin_transformer")
+            and type(module).__name__.startswith("ShiftedWindowAttention")
+            and getattr(module, "relative_position_bias_table", None) is not None)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _shared_memo(model: nn.Module, graph: DependencyGraph, result: nn.Module) -> dict[int, torch.Tensor]:
+    """Deep-copy memo handing the copy of ``model`` the tensors of the pruned graph result ``result``
+    (already sliced and folded) wherever the traced graph holds the model's own tensor under the same
+    name. Only one of the two results is returned, so they may share: the module result then costs
+    no second copy of the weights (a 600M-parameter model fits under a memory cap it did not)."""
+    traced, made = _named_tensors(graph.gm), _named_tensors(result)
+    memo: dict[int, torch.Tensor] = {}
+    for name, t in _named_tensors(model).items():
+        new = made.get(name)
+        if traced.get(name) is t and new is not None and type(new) is type(t):
+            memo[id(t)] = new
+    return memo
+
+
 def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, folded: dict,
-          sliced_copies) -> tuple[nn.Module | None, str]:
+          sliced_copies, result: nn.Module | None = None) -> tuple[nn.Module | None, str]:
     """``(pruned copy of model, "")`` or ``(None, why not)``; ``sliced_copies(model, per_tensor, folded)``
-    is the rewrite's deep-copy memo of the tensors that lose entries."""
+    is the rewrite's deep-copy memo of the tensors that lose entries; the copy shares its tensors with
+    ``result`` (the pruned ``GraphModule`` of the same plan) where they are the same tensor."""
     tensors = {}
     for owner, name in {**per_tensor, **folded}:
         try:
@@ -88,7 +121,11 @@ def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, f
             return None, f"the traced graph names a tensor {owner}.{name} that the model does not have"
         if not isinstance(tensors[(owner, name)], torch.Tensor):
             return None, f"{owner}.{name} is not a tensor of the model"
-    out = copy.deepcopy(model, sliced_copies(model, per_tensor, folded))
+    memo = _shared_memo(model, graph, result) if result is not None else {}
+    rest = [k for k, t in tensors.items() if id(t) not in memo]
+    memo.update(sliced_copies(model, {k: v for k, v in per_tensor.items() if k in rest},
+                              {k: v for k, v in folded.items() if k in rest}))
+    out = copy.deepcopy(model, memo)
     owners = {owner for owner, _ in per_tensor} | {owner for owner, _ in folded}
     if graph.frontend == "fx" and graph.root is model:
         done: set[str] = set()

@@ -227,7 +227,7 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", outp
         return gm
     why = "the model the graph was traced from is not available"
     if model is not None:
-        candidate, why = module_tree.build(model, graph, removed, per_tensor, folded, _sliced_copies)
+        candidate, why = module_tree.build(model, graph, removed, per_tensor, folded, _sliced_copies, gm)
         if candidate is not None:
             why = module_tree.check(candidate, gm, graph.example_inputs)
             if not why:

@@ -9,8 +9,12 @@ the next step a user takes works on it:
   (``export_checks.py``): bounds on sizes become checks (``if x.shape[-1] > 4`` leaves a graph for
   widths of 5 and more), an equation over several sizes (``H * W == 64``, a flatten into a linear
   layer) rejects the try. Then batch alone is made dynamic, then nothing, with a warning naming the
-  guard. A batch of 1 is traced as a batch of 2 (export fixes dims of size
-  0 or 1, and assumes a dynamic dim is never 1: ``if x.shape[0] == 1`` takes the other branch
+  guard. Symbolic sizes can cost far more than the trace itself (NASNet's computed "same" padding:
+  ~3.5x per cell), so the try with dynamic sizes is given ``DYNAMIC_SECONDS`` (checked at every
+  module call) before it gives way to the batch-only try; the warning says so. A model class and
+  input shapes that ran out of time once skip that try for the rest of the process (tracing the
+  pruned copy again would take as long). A batch of 1 is traced as a batch of 2 (export fixes dims
+  of size 0 or 1, and assumes a dynamic dim is never 1: ``if x.shape[0] == 1`` takes the other branch
   without a guard), so that graph is run once on the example and kept only if it computes what the
   model computes. Like ``ExportedProgram.module()``, the graph accepts 0 and 1 for a dynamic dim.
 * **Input checks as graph nodes** (``torch._assert`` over ``aten.sym_size.int``), instead of
@@ -25,7 +29,9 @@ the next step a user takes works on it:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -37,7 +43,13 @@ from torch.export import Dim
 
 from .export_checks import input_checks, insert_checks
 
-__all__ = ["export_module"]
+__all__ = ["export_module", "DYNAMIC_SECONDS"]
+
+#: Wall-clock seconds the export with dynamic sizes (beyond the batch) may take before the batch-only
+#: try is used instead (a correct graph, dynamic in the batch only, with a warning).
+DYNAMIC_SECONDS = 30.0
+#: (model class, input shapes) whose try with dynamic sizes ran out of time in this process
+_OUT_OF_TIME: set[tuple] = set()
 
 aten = torch.ops.aten
 
@@ -88,8 +100,47 @@ def _tries(inputs: tuple) -> list[tuple[str, tuple, object, bool]]:
     example = pytree.tree_map(lambda t: torch.cat([t, t]) if batch == 1 and batched(t) else t, inputs)
     full, only_batch = spec(True), spec(False)
     doubled = batch == 1
-    out = [("batch and other dims", example, full, doubled)] if full != only_batch else []
+    out = [(_DYNAMIC_SIZES, example, full, doubled)] if full != only_batch else []
     return out + [("batch", example, only_batch, doubled), ("static", inputs, None, False)]
+
+
+_DYNAMIC_SIZES = "batch and other dims"
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _out_of_time(exc: BaseException | None) -> str:
+    """The time box's message when ``exc`` is, or was raised from, its exception (export may wrap it)."""
+    while exc is not None:
+        if isinstance(exc, _OutOfTime):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return ""
+
+
+def _gave_up(seconds: float) -> str:
+    return f"gave up after {seconds:.0f} s of tracing with symbolic sizes"
+
+
+@contextlib.contextmanager
+def _time_box(seconds: float | None):
+    """Raise ``_OutOfTime`` at the first module call after ``seconds`` (None: no limit)."""
+    if seconds is None:
+        yield
+        return
+    deadline = time.monotonic() + seconds
+
+    def check(module, args):
+        if time.monotonic() > deadline:
+            raise _OutOfTime(_gave_up(seconds))
+
+    handle = nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _arg_names(model: nn.Module, n: int) -> list[str]:
@@ -292,15 +343,23 @@ def export_module(model: nn.Module, inputs: Sequence) -> torch.fx.GraphModule:
     inputs = tuple(inputs)
     names, flat = _input_names(model, inputs), pytree.tree_leaves(inputs)
     reasons: list[str] = []
+    key = (type(model), tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in flat))
     for label, example, dynamic, doubled in _tries(inputs):
         static = dynamic is None
+        if label == _DYNAMIC_SIZES and key in _OUT_OF_TIME:
+            reasons.append(f"{label}: {_gave_up(DYNAMIC_SECONDS)} before, for this class and these shapes")
+            continue
         try:
-            program = torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
-            exported = program.module(check_guards=False)
+            with _time_box(DYNAMIC_SECONDS if label == _DYNAMIC_SIZES else None):
+                program = torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
+                exported = program.module(check_guards=False)
         except Exception as exc:
             if static:
                 raise
-            reasons.append(f"{label}: {_why_not(exc)}")
+            late = _out_of_time(exc)
+            if late:
+                _OUT_OF_TIME.add(key)
+            reasons.append(f"{label}: {late or _why_not(exc)}")
             continue
         placeholders = exported.graph.find_nodes(op="placeholder")
         checks, why = input_checks(program, placeholders, pytree.tree_leaves(example), flat, names, static)

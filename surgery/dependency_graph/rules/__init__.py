@@ -1,7 +1,7 @@
 """Op rules. Importing this package registers every rule in ``_registry``."""
 
 from . import attention, casts, conv, conv_transpose, elementwise, linear, norm, pooling, reduce, rnn  # noqa: F401
-from . import shape, slicing, stripe, torchvision_ops, weight_norm  # noqa: F401
+from . import repeat, shape, slicing, stripe, torchvision_ops, torchvision_video, weight_norm  # noqa: F401
 from . import aten  # noqa: F401,E402  (reuses the rules above)
 from ._registry import OpRule, function_rule, lookup, method_rule, module_rule
 

@@ -51,6 +51,7 @@ function_rule(*_ops("type_as", "to.other"))(casts.cast_like)
 function_rule(*_ops(
     "add.Tensor", "add_.Tensor", "sub.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor", "add.Scalar",
     "mul.Scalar", "sub.Scalar", "div.Scalar", "pow.Tensor_Scalar", "where.self", "maximum", "minimum",
+    "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clip.Tensor",  # tensor bounds broadcast
 ))(elementwise.elementwise_broadcast)
 
 function_rule(*_ops("cat"))(slicing.cat)
@@ -103,7 +104,7 @@ function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin", "std.dim", "s
 function_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)
 function_rule(*_ops("matmul", "bmm", "mm"))(reduce.matmul)
 function_rule(*_ops("scaled_dot_product_attention"))(reduce.sdpa)
-function_rule(*_ops("layer_norm"), rewrite=norm._rewrite_layer_norm)(norm.functional_layernorm)
+function_rule(*_ops("layer_norm", "rms_norm"), rewrite=norm._rewrite_layer_norm)(norm.functional_layernorm)
 function_rule(*_ops("group_norm"), rewrite=norm._rewrite_group_norm)(norm.functional_groupnorm)
 
 
@@ -122,6 +123,8 @@ def _rewrite_slice(ctx: RewriteCtx) -> None:
     x = ctx.old.args[0]
     dim = ctx.old_arg(1, "dim", 0) % x.meta["val"].dim()
     kept = ctx.kept(x, dim)
+    if any(isinstance(a, torch.fx.Node) for a in ctx.old.args[2:4]):  # bounds are sizes: the dim is not coupled
+        return
     start, end = _slice_bounds(ctx.old, kept.size)
     ctx.node.args = (ctx.node.args[0], dim, int(kept[:start].sum()), int(kept[:end].sum()), 1)
 
@@ -138,11 +141,11 @@ def aten_slice(ctx: BuildCtx) -> None:
     nd = ctx.val(x).dim()
     dim = ctx.arg(1, "dim", 0) % nd
     step = ctx.arg(4, "step", 1)
-    if any(isinstance(a, torch.fx.Node) for a in ctx.node.args[1:]):
-        return
-    for d in range(nd):
+    for d in range(nd):  # other dims pass through, also when the bounds are sizes (``y[:, :h, :w]``)
         if d != dim:
             ctx.identity(ctx.sp(x, d), ctx.out(d))
+    if any(isinstance(a, torch.fx.Node) for a in ctx.node.args[1:]):
+        return
     start, end = _slice_bounds(ctx.node, ctx.val(x).shape[dim])
     if step == 1 and end > start:
         ctx.table.offset(ctx.out(dim), ctx.sp(x, dim), start)

@@ -13,11 +13,32 @@ def _channel_dim(ctx: BuildCtx, x, spatial: int) -> int:
     return ctx.val(x).dim() - spatial - 1
 
 
-def _couple_conv(ctx: BuildCtx, x, w_in: int, w_out: int, groups: int, cin: int, cout: int, spatial: int) -> None:
-    """Couple a conv whose weight is ``(cout, cin/groups, *k)``; ``w_in``/``w_out`` are weight-dim spaces."""
+def _pointwise_dims(kernel, stride, padding, dilation) -> list[int]:
+    """Spatial dims (0-based among the spatial ones) along which the conv maps each position to the
+    same position alone: kernel 1, stride 1, no padding. Along those, positions are entries like
+    channels (CoaT aggregates its three class tokens with a ``Conv1d(3, 1, 1)`` over ``(B, 3, C)``:
+    the spatial dim is the embedding)."""
+    k = len(kernel)
+
+    def each(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * k
+
+    if isinstance(padding, str):
+        padding = (0,) * k if padding == "valid" or all(s == 1 for s in each(kernel)) else None
+    if padding is None or not all(isinstance(v, int) for v in (*each(kernel), *each(stride), *each(padding), *each(dilation))):
+        return []
+    return [d for d, (kk, s, p) in enumerate(zip(each(kernel), each(stride), each(padding))) if kk == 1 and s == 1 and p == 0]
+
+
+def _couple_conv(ctx: BuildCtx, x, w_in: int, w_out: int, groups: int, cin: int, cout: int, spatial: int,
+                 pointwise: list[int] = ()) -> None:
+    """Couple a conv whose weight is ``(cout, cin/groups, *k)``; ``w_in``/``w_out`` are weight-dim spaces;
+    ``pointwise`` spatial dims pass through one to one (``_pointwise_dims``)."""
     cd = _channel_dim(ctx, x, spatial)
     for d in range(cd):
         ctx.identity(ctx.sp(x, d), ctx.out(d))
+    for d in pointwise:
+        ctx.identity(ctx.sp(x, cd + 1 + d), ctx.out(cd + 1 + d))
     ctx.identity(w_out, ctx.out(cd))
     xin = ctx.sp(x, cd)
     if groups == 1:
@@ -52,7 +73,8 @@ def conv(ctx: BuildCtx) -> None:
     w_in = ctx.p("weight", 1) if m.in_channels // m.groups > 1 or m.groups == 1 else None
     if m.bias is not None:
         ctx.identity(ctx.p("bias", 0), w_out)
-    _couple_conv(ctx, x, w_in, w_out, m.groups, m.in_channels, m.out_channels, spatial)
+    pointwise = _pointwise_dims(m.kernel_size, m.stride, m.padding, m.dilation)
+    _couple_conv(ctx, x, w_in, w_out, m.groups, m.in_channels, m.out_channels, spatial, pointwise)
 
 
 @module_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fix=_fix_conv)
@@ -87,7 +109,9 @@ def _functional_conv(spatial: int):
         if b is not None and ctx.is_tensor(b):
             ctx.identity(ctx.sp(b, 0), ctx.sp(w, 0))
         w_in = ctx.sp(w, 1) if groups == 1 or cin_g > 1 else None
-        _couple_conv(ctx, x, w_in, ctx.sp(w, 0), groups, cin, cout, spatial)
+        pointwise = _pointwise_dims(ctx.shape(w)[2:], ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0),
+                                    ctx.arg(5, "dilation", 1))
+        _couple_conv(ctx, x, w_in, ctx.sp(w, 0), groups, cin, cout, spatial, pointwise)
 
     couple.__name__ = f"functional_conv{spatial}d"
     return couple

@@ -25,16 +25,15 @@ _UNARY_FUNCTIONS = (
     F.hardsigmoid, F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout, F.sigmoid, F.tanh, F.logsigmoid,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs,
-    torch.neg, torch.clamp, torch.clip, torch.sin, torch.cos, torch.erf, torch.square, torch.reciprocal,
+    torch.neg, torch.sin, torch.cos, torch.erf, torch.square, torch.reciprocal,
     torch.nn.functional.hardtanh_, operator.neg, operator.pos, torch.clone, torch.sign, torch.floor,
-    torch.ceil, torch.round, torch.nan_to_num, torch.clamp_min, torch.clamp_max,
+    torch.ceil, torch.round, torch.nan_to_num,
 )
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
-    "clamp", "clamp_", "clip", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type", "type_as", "cpu", "cuda", "square", "reciprocal", "sign", "floor", "ceil", "round",
-    "requires_grad_", "hardtanh_", "exp_", "nan_to_num", "cos", "sin", "clamp_min", "clamp_max", "clamp_min_",
-    "clamp_max_",
+    "requires_grad_", "hardtanh_", "exp_", "nan_to_num", "cos", "sin",
 )
 _BINARY_FUNCTIONS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -42,10 +41,13 @@ _BINARY_FUNCTIONS = (
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
     torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul,
     torch.masked_fill,
+    # bounds may be tensors (``clamp(x, self.lo, self.hi)``, Gemma 4's clamped linears): they broadcast like add
+    torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
 )
 _BINARY_METHODS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "maximum", "minimum",
     "masked_fill", "masked_fill_", "where", "lerp", "addcmul",
+    "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "clamp_min_", "clamp_max_",
 )
 
 

@@ -49,9 +49,12 @@ def resize(ctx: BuildCtx) -> None:
 
 @function_rule(F.pad)
 def pad(ctx: BuildCtx) -> None:
+    """Dims padded by a literal 0 on both sides pass through; any other amount (a literal or one
+    computed at run time from sizes, ``(window - W % window) % window``) makes its dim produced.
+    Swin-style models pad H and W by computed amounts and their channels by literal zeros."""
     x, amounts = ctx.arg(0, "input"), ctx.arg(1, "pad")
-    if not ctx.is_tensor(x) or not all(isinstance(a, int) for a in amounts):
+    if not ctx.is_tensor(x) or not isinstance(amounts, (list, tuple)):
         return
     nd = ctx.val(x).dim()
-    padded = {nd - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
+    padded = {nd - 1 - i // 2 for i, a in enumerate(amounts) if not (isinstance(a, int) and a == 0)}
     ctx.same_dims(x, dims=[d for d in range(nd) if d not in padded])
