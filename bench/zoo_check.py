@@ -4,7 +4,9 @@ Builds the model (``zoo_models.build``), traces, plans ``group-l1`` at ratio 0.5
 groups skipped, applies in both modes and compares pruned with masked, as
 ``tests/helpers.check_pruned_equals_masked`` does, but records numbers instead of asserting. The
 result is one JSON line on stdout after ``RESULT:``; the parent (``zoo_sweep.py``) sets the time and
-memory limits.
+memory limits. The row names the pruned model's class (``output``, ``own_class``) and, for a
+``GraphModule``, the reason the library gave (``output_reason``). The pruned model is dropped before
+the masked one is made, so a large model never has both copies in memory at once.
 
 Status: ``exact`` (every invariant holds), ``untraceable`` (a TraceError with its reason),
 ``nothing prunable`` (no group left to prune), ``mismatch`` (it ran, but an invariant does not hold:
@@ -15,6 +17,7 @@ parent's memory cap), ``no input`` (the model itself runs on no input tried).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -100,31 +103,42 @@ def check(spec: dict) -> dict:
         if not plan.groups:
             row["status"] = "nothing prunable"
             return row
-        stage = "mask"
-        masked = apply_to_graph(result.graph, plan, mode="mask")
         stage = "forward"
         with torch.no_grad():
-            y0, y1, y2 = model(*inputs), pruned(*inputs), masked(*inputs)
-        problems, rel = [], 0.0
-        for a, b, c in zip(output_tensors(y0), output_tensors(y1), output_tensors(y2), strict=True):
-            if b.shape != a.shape:
-                problems.append(f"output shape {tuple(a.shape)} -> {tuple(b.shape)}")
-            elif c.shape == b.shape:
-                rel = max(rel, float((b - c).norm() / c.norm().clamp_min(1e-12)))
-        row["rel_err"] = rel
+            y0, y1 = output_tensors(model(*inputs)), output_tensors(pruned(*inputs))
         before = sum(p.numel() for p in model.parameters())
         after = sum(p.numel() for p in pruned.parameters())
         row["params_after"] = after
         row["output"] = type(pruned).__name__
-        if rel >= TOL:
-            problems.append(f"pruned != masked: rel err {rel:.1e}")
-        if after >= before:
-            problems.append(f"no fewer parameters ({before} -> {after})")
+        row["own_class"] = type(pruned) is type(model)
+        if not row["own_class"]:  # the GraphModule result says why the model's own class could not be kept
+            row["output_reason"] = (getattr(pruned, "meta", {}).get("surgery_output") or {}).get("reason", "")[:300]
+        problems = []
         stage = "retrace"
         try:
             surgery.trace(pruned, inputs)
         except SurgeryError as exc:
             problems.append(f"the pruned model does not trace again: {_line(exc)}")
+        del pruned  # the masked model is a full-size copy: never both in memory (large models, memory cap)
+        result.model = None
+        gc.collect()
+        stage = "mask"
+        masked = apply_to_graph(result.graph, plan, mode="mask")
+        stage = "forward"
+        with torch.no_grad():
+            y2 = output_tensors(masked(*inputs))
+        del masked
+        rel = 0.0
+        for a, b, c in zip(y0, y1, y2, strict=True):
+            if b.shape != a.shape:
+                problems.append(f"output shape {tuple(a.shape)} -> {tuple(b.shape)}")
+            elif c.shape == b.shape:
+                rel = max(rel, float((b - c).norm() / c.norm().clamp_min(1e-12)))
+        row["rel_err"] = rel
+        if rel >= TOL:
+            problems.append(f"pruned != masked: rel err {rel:.1e}")
+        if after >= before:
+            problems.append(f"no fewer parameters ({before} -> {after})")
         row["status"] = "mismatch" if problems else "exact"
         if problems:
             row["error"] = "; ".join(problems)

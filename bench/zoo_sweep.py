@@ -4,10 +4,11 @@ Each model runs in its own process (``bench/zoo_check.py``) with a time limit an
 cap, at the smallest input it accepts (1x3x64x64 where it can, video 1x3x4x32x32; see
 ``bench/zoo_models.py``). Per model: front end (fx/export), traced or the error, prunable groups,
 the share of parameters in prunable groups (``surgery.coverage``) and the top blocker, pruned vs
-masked (``group-l1``, ratio 0.5, cross-channel groups skipped) and the seconds taken. Results go to
+masked (``group-l1``, ratio 0.5, cross-channel groups skipped), the result class (the model's own
+class, or a ``GraphModule`` with the reason the library gave) and the seconds taken. Results go to
 ``bench/results/zoo-<zoo>.json`` (``-partial`` for partial runs), then a summary: counts of exact /
-untraceable / nothing prunable / mismatch / crash, how many reach a share >= 0.9, and the models
-below with their blocking op. ``pip install -e '.[bench]'`` brings timm (never with weights).
+untraceable / nothing prunable / mismatch / crash, how many reach a share >= 0.9, the models below
+with their blocking op, "own class N / GraphModule M" and each GraphModule result with its reason. ``pip install -e '.[bench]'`` brings timm (never with weights).
 
     python bench/zoo_sweep.py --torchvision           # classification + segmentation + video
     python bench/zoo_sweep.py --timm                  # the smallest model of every timm family
@@ -122,11 +123,54 @@ def table_line(row: dict) -> str:
     status = row["status"] + (f": {row['error'][:120]}" if row["status"] in ("mismatch", "crash", "timeout", "out of memory")
                               and row.get("error") else "")
     return (f"| {_label(row)} | {row.get('frontend', '')} | {traced} | {row.get('prunable_groups', '')} | {share} "
-            f"| {_blocker(row)} | {rel} | {status.replace('|', '/')} | {row.get('seconds', '')} |")
+            f"| {_blocker(row)} | {rel} | {row.get('output', '')} | {status.replace('|', '/')} | {row.get('seconds', '')} |")
 
 
 HEADER = ("| model | front end | traced | prunable groups | share prunable | top blocker (reason, op) "
-          "| pruned vs masked | status | s |\n|---|---|---|---|---|---|---|---|---|")
+          "| pruned vs masked | result class | status | s |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def own_class(row: dict) -> bool | None:
+    """Whether the pruned model is the model's own class (None: no pruned model, or not recorded)."""
+    if "own_class" in row:
+        return row["own_class"]
+    return None if not row.get("output") else row["output"] != "GraphModule"
+
+
+def result_class_text(rows: list[dict]) -> list[str]:
+    """"own class N / GraphModule M (reasons)" and the GraphModule models with their reason."""
+    made = [r for r in rows if own_class(r) is not None]
+    graph = [r for r in made if not own_class(r)]
+    if not made:
+        return []
+    reasons: dict[str, int] = {}
+    for r in graph:
+        why = _reason_kind(r.get("output_reason"))
+        reasons[why] = reasons.get(why, 0) + 1
+    why = "; ".join(f"{n} {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    out = [f"Result class of the {len(made)} pruned models: own class {len(made) - len(graph)} / "
+           f"GraphModule {len(graph)}{f' ({why})' if why else ''}."]
+    if graph:
+        out += ["", "| GraphModule result | front end | reason |", "|---|---|---|"]
+        for r in sorted(graph, key=_label):
+            text = (r.get("output_reason") or "reason not recorded (stored before the harness kept it)")
+            out.append(f"| {_label(r)} | {r.get('frontend', '')} | {text[:200].replace('|', '/')} |")
+    return out
+
+
+def _reason_kind(reason: str | None) -> str:
+    """A short class of a GraphModule reason, for the count."""
+    if not reason:
+        return "reason not recorded"
+    for key, kind in (("fails on the pruned widths", "own forward fails on the new widths"),
+                      ("differs from the pruned graph", "own forward computes something else (a width held outside modules)"),
+                      ("gives shape", "own forward gives another shape"),
+                      ("cannot set the widths", "a width attribute cannot be set"),
+                      ("not available", "the model is not available"),
+                      ("different number of tensors", "own forward returns other outputs")):
+        if key in reason:
+            return kind
+    return reason.split(":")[0][:60]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -145,6 +189,9 @@ def summary_text(title: str, rows: list[dict], wall: float | None) -> str:
     traced = ", ".join(f"{v} {k}" for k, v in fronts.items() if v)
     out = [f"**{title}**: {n} models{f' in {wall / 60:.0f} min' if wall else ''}: {counts}; "
            f"share of parameters prunable >= 0.9 in {s['share_ge_0.9']} ({pct:.0f}%); traced by {traced or 'none'}."]
+    classes = result_class_text(rows)
+    if classes:
+        out += [""] + classes
     if s["below"]:
         out += ["", "| below 0.9 | share | status | top blocker (reason, op) |", "|---|---|---|---|"]
         for r in sorted(s["below"], key=lambda r: r.get("share", -1)):
