@@ -19,7 +19,7 @@ from surgery.errors import ModelLoadError
 from surgery.frontends.caffe import load_caffe
 from surgery.layers import Affine
 
-from caffe_nets import NETS, batch_norm, channel, conv, fc, pool, pool_size, relu, write_caffemodel
+from caffe_nets import NETS, batch_norm, channel, conv, deconv, fc, pool, pool_size, relu, write_caffemodel
 from helpers import check_pruned_equals_masked, n_params
 
 
@@ -232,6 +232,36 @@ def test_se_block_with_two_bottom_scale_and_within_channel_lrn(tmp_path):
     assert pruned.get_submodule("conv").out_channels == 4 == pruned.get_submodule("up").out_features
 
 
+FCN_HEAD = """
+input: "data" input_shape { dim: 1 dim: 3 dim: 16 dim: 16 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 8 kernel_size: 3 pad: 1 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "score" type: "Convolution" bottom: "conv1" top: "score" convolution_param { num_output: 6 kernel_size: 1 } }
+layer { name: "upscore" type: "Deconvolution" bottom: "score" top: "upscore" convolution_param { num_output: 4 kernel_size: 4 stride: 2 bias_term: false } }
+layer { name: "crop" type: "Crop" bottom: "upscore" bottom: "data" top: "out" crop_param { axis: 2 offset: 1 } }
+"""
+
+
+def test_fcn_head_with_deconvolution_and_crop(tmp_path):
+    """FCN's upsampling head: a Deconvolution (18 x 18 here) cropped back to the input's 16 x 16 at offset 1."""
+    rng = np.random.default_rng(6)
+    blobs = {"conv1": [rng.standard_normal((8, 3, 3, 3)) / 5, rng.standard_normal(8) * 0.1],
+             "score": [rng.standard_normal((6, 8, 1, 1)) / 3, rng.standard_normal(6) * 0.1],
+             "upscore": [rng.standard_normal((6, 4, 4, 4)) / 5]}
+    blobs = {k: [np.asarray(a, np.float32).astype(np.float64) for a in v] for k, v in blobs.items()}
+    (tmp_path / "fcn.prototxt").write_text(FCN_HEAD)
+    write_caffemodel(tmp_path / "fcn.caffemodel", blobs)
+    gm = load_caffe(tmp_path / "fcn.prototxt", tmp_path / "fcn.caffemodel")
+    x = rng.standard_normal((1, 3, 16, 16))
+    y = conv(relu(conv(x, *blobs["conv1"], stride=2, pad=1)), *blobs["score"])
+    ref = deconv(y, blobs["upscore"][0], stride=2)[:, :, 1:17, 1:17]
+    with torch.no_grad():
+        out = gm(torch.tensor(x, dtype=torch.float32)).double().numpy()
+    assert out.shape == (1, 4, 16, 16) and rel(out, ref) < 1e-5
+    plan, pruned, _ = check_pruned_equals_masked(gm, torch.randn(1, 3, 16, 16), method="l1", ratio=0.5)
+    assert pruned.get_submodule("score").out_channels == 3 == pruned.get_submodule("upscore").in_channels
+
+
 # -- bad input --------------------------------------------------------------------------------------
 HEAD = 'input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
 CONV = 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }\n'
@@ -252,8 +282,9 @@ def _expect(tmp_path, prototxt: str, pattern: str, blobs=None, raw: bytes | None
 
 
 def test_unsupported_layer_names_the_layer_and_its_type(tmp_path):
-    _expect(tmp_path, HEAD + CONV + 'layer { name: "crop" type: "Crop" bottom: "conv1" bottom: "data" top: "crop" }',
-            r"{proto}: layer 'crop' has unsupported type 'Crop' \(supported: AbsVal, BNLL, BatchNorm, .*\)")
+    _expect(tmp_path, HEAD + CONV + 'layer { name: "py" type: "Python" bottom: "conv1" top: "py" '
+            'python_param { module: "my_layers" layer: "Custom" } }',
+            r"{proto}: layer 'py' has unsupported type 'Python' \(supported: AbsVal, BNLL, BatchNorm, .*\)")
 
 
 def test_blob_count_and_shape_mismatches(tmp_path):

@@ -7,7 +7,7 @@ so the fx front end traces and prunes it like any PyTorch model, and checkpoints
 
 Supported layers: Convolution, Deconvolution, InnerProduct, Pooling (MAX/AVE, global), ReLU,
 PReLU, Sigmoid, TanH, ELU, BNLL, AbsVal, BatchNorm (a following Scale is folded into its affine),
-Scale, Bias, Eltwise, Concat, Slice, Split, Flatten, Reshape, LRN (both regions), Dropout,
+Scale, Bias, Eltwise, Concat, Slice, Split, Crop, Flatten, Reshape, LRN (both regions), Dropout,
 Softmax, Power, Input. Data, loss and accuracy layers, and layers outside the TEST phase, are
 dropped. Any other layer type is a :class:`~surgery.errors.ModelLoadError` naming the layer.
 

@@ -252,3 +252,24 @@ def reshape(b: NetBuilder, layer: Layer) -> None:
     batch_copied = axis > 0 or (spec and spec[0] == 0)
     target = [b.method(layer, "size", x, 0) if batch_copied else dims[0], *dims[1:]]
     b.tops(layer, b.method(layer, "reshape", x, *target))
+
+
+@builds("Crop")
+def crop(b: NetBuilder, layer: Layer) -> None:
+    """The first bottom cut to the second's shape in every dim from ``axis`` on, from ``offset``."""
+    x, like = b.bottoms(layer, 2)
+    p = layer.param("crop_param")
+    shape, target = b.shape(x), b.shape(like)
+    if len(shape) != len(target):
+        raise b.error(layer, f"crops {list(shape)} to a blob of another rank, {list(target)}")
+    axis = _axis(b, layer, p.axis, len(shape))
+    offsets = [int(o) for o in p.offset] or [0]
+    if len(offsets) not in (1, len(shape) - axis):
+        raise b.error(layer, f"gives {len(offsets)} offsets for {len(shape) - axis} cropped dims")
+    offsets = offsets * (len(shape) - axis) if len(offsets) == 1 else offsets
+    index = [slice(None)] * axis
+    for d, o in zip(range(axis, len(shape)), offsets):
+        if o + target[d] > shape[d]:
+            raise b.error(layer, f"offset {o} + size {target[d]} exceeds {shape[d]} in dim {d}")
+        index.append(slice(o, o + target[d]) if (o, target[d]) != (0, shape[d]) else slice(None))
+    b.tops(layer, b.function(layer, operator.getitem, x, tuple(index)))

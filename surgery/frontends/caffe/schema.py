@@ -51,6 +51,7 @@ _MESSAGES = [
         ("kernel_w", 12, "uint32"), ("stride_h", 13, "uint32"), ("stride_w", 14, "uint32"),
         ("axis", 16, "int32", "1"), ("dilation", 18, "uint32*"),
     ], {}),
+    ("CropParameter", [("axis", 1, "int32", "2"), ("offset", 2, "uint32*")], {}),
     ("EltwiseParameter", [("operation", 1, "EltwiseParameter.EltwiseOp", "SUM"), ("coeff", 2, "float*")],
      {"EltwiseOp": ["PROD", "SUM", "MAX"]}),
     ("ELUParameter", [("alpha", 1, "float", "1")], {}),
@@ -87,6 +88,7 @@ _LAYER_PARAMS = {
     "flatten_param": ("FlattenParameter", 135, None), "batch_norm_param": ("BatchNormParameter", 139, None),
     "elu_param": ("ELUParameter", 140, None), "bias_param": ("BiasParameter", 141, None),
     "scale_param": ("ScaleParameter", 142, None), "input_param": ("InputParameter", 143, None),
+    "crop_param": ("CropParameter", 144, None),
 }
 
 #: The V1 ``layers`` message names its type with an enum; these are the V2 type strings they mean.
