@@ -31,19 +31,21 @@ def _load(module: nn.Module, names: list[str], blobs: list[torch.Tensor] | None)
 
 
 def _spatial(b: NetBuilder, layer: Layer, p, name: str, n: int, default: int | None) -> tuple[int, ...]:
-    """``kernel_size``/``stride``/``pad``/``dilation`` for ``n`` spatial dims (``_h``/``_w`` forms in 2-D)."""
+    """``kernel``/``stride``/``pad``/``dilation`` for ``n`` spatial dims: the ``_h``/``_w`` pair (2-D)
+    if either is set, else the repeated field (one value for every dim, or one per dim)."""
     h, w = f"{name}_h", f"{name}_w"
     if h in p.DESCRIPTOR.fields_by_name and (p.HasField(h) or p.HasField(w)):
         if n != 2:
             raise b.error(layer, f"{h}/{w} only apply to 2-D convolutions")
         return int(getattr(p, h)), int(getattr(p, w))
-    values = [int(v) for v in getattr(p, name)]
+    field = "kernel_size" if name == "kernel" else name
+    values = [int(v) for v in getattr(p, field)]
     if not values:
         if default is None:
-            raise b.error(layer, f"has no {name}")
+            raise b.error(layer, f"has no {field}")
         values = [default]
     if len(values) not in (1, n):
-        raise b.error(layer, f"gives {len(values)} {name} values for {n} spatial dims")
+        raise b.error(layer, f"gives {len(values)} {field} values for {n} spatial dims")
     return tuple(values * n if len(values) == 1 else values)
 
 
@@ -59,7 +61,7 @@ def _conv(b: NetBuilder, layer: Layer, transposed: bool) -> None:
     cin, cout, groups = shape[1], int(p.num_output), int(p.group)
     if groups < 1 or cin % groups or cout % groups:
         raise b.error(layer, f"group {groups} does not divide {cin} input and {cout} output channels")
-    k = _spatial(b, layer, p, "kernel", n, None) if p.HasField("kernel_h") else _spatial(b, layer, p, "kernel_size", n, None)
+    k = _spatial(b, layer, p, "kernel", n, None)
     stride, pad = _spatial(b, layer, p, "stride", n, 1), _spatial(b, layer, p, "pad", n, 0)
     dilation = _spatial(b, layer, p, "dilation", n, 1)
     cls = (_DECONV if transposed else _CONV)[n]
