@@ -29,9 +29,6 @@ Examples
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.fx
-from torch import nn
 
 from ..errors import ModelLoadError
 from ._onnx_torch import tidy
