@@ -126,3 +126,20 @@ def test_perplexity_sliding_windows_match_direct():
     assert perplexity(model, ids, seq_len=16, batch_size=1) == pytest.approx(math.exp(float(nll)), rel=1e-5)
     strided = perplexity(model, ids, seq_len=16, stride=8)  # each token once, with more context
     assert strided == pytest.approx(math.exp(float(nll)), rel=0.2) and strided != perplexity(model, ids, seq_len=16)
+
+
+def test_cli_eval_saved_model_and_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    model = tiny_gpt2(vocab_size=300)
+    model.save_pretrained(tmp_path)
+    want = perplexity(model, "pydoc", seq_len=16, max_windows=3)
+    r = CliRunner().invoke(app, ["eval", str(tmp_path), "--data", "pydoc", "--seq-len", "16", "--max-windows", "3"])
+    assert r.exit_code == 0 and f"perplexity {want:.3f} on pydoc" in r.output
+    r = CliRunner().invoke(app, ["eval", str(tmp_path), "--data", "digits"])
+    assert r.exit_code == 1 and "error: --data must be 'pydoc' or a .txt file, got 'digits'" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "needs a config.json (save_pretrained output)" in r.output
