@@ -113,6 +113,11 @@ def test_per_layer_widths_warn_and_save_pretrained_refuses(llama_mlp_per_layer, 
                                                r"\(intermediate: 96, 64\); plan with policy='uniform'"):
         out.save_pretrained(tmp_path)
     assert list(tmp_path.iterdir()) == []
+    surgery.hf.save_pruned(out, tmp_path)  # the documented alternative: per-layer widths in config.json
+    again = surgery.hf.load_pruned(tmp_path)
+    assert [layer.mlp.up_proj.out_features for layer in again.model.layers] == [96, 64]
+    ids = example_inputs("llama", batch=2, seq=7, seed=5)[0]
+    assert torch.equal(_logits(again, ids), _logits(out, ids))
 
 
 def test_perplexity_sliding_windows_match_direct():
