@@ -54,7 +54,9 @@ def test_swp_stripe_model_equals_the_trained_skeleton_model():
 
 def test_swp_with_a_macs_target_removes_dead_filters_and_meets_the_budget():
     model = _net()
-    pruned, rep = train_swp(model, X, DATA, alpha=0.01, delta=0.01, epochs=1, config=CFG, target_macs=0.5)
+    small = (DATA[0][:600], DATA[1][:600])
+    pruned, rep = train_swp(model, X, small, alpha=0.01, delta=0.01, epochs=1, config=CFG, target_macs=0.5,
+                            finetune_epochs=1)
     kept = rep["macs"]["after"] / rep["macs"]["before"]
     assert 0.4 < kept <= 0.5 and rep["threshold"] >= 0.01
     live = {name: n for name, (n, _) in rep["stripes"].items()}
@@ -64,6 +66,8 @@ def test_swp_with_a_macs_target_removes_dead_filters_and_meets_the_budget():
     for conv in (pruned[0], pruned[3]):
         assert sorted(set(conv.stripe_out.tolist())) == list(range(conv.out_channels))
     assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # the stripe model fine-tunes (the stripe counts above are after it: its structure stays)
+    assert len(rep["history"]["finetune"]) == 1 and rep["accuracy"]["finetuned"] > rep["accuracy"]["pruned"]
 
 
 def test_from_scratch_meets_the_budget_and_retrains():

@@ -74,7 +74,8 @@ def train(
             settings = {"ratio": ratio, "eps": eps, "clusters": clusters}
         elif method == "swp":
             pruned, rep = train_swp(net, x, (xs, ys), alpha=alpha, delta=delta, epochs=epochs, config=cfg,
-                                    val_split=val_split, seed=seed, target_macs=target_macs)
+                                    finetune_epochs=finetune_epochs, val_split=val_split, seed=seed,
+                                    target_macs=target_macs)
             settings = {"alpha": alpha, "delta": delta, "target_macs": target_macs, "threshold": rep["threshold"]}
         else:
             pruned, rep = train_from_scratch(net, x, (xs, ys), target_macs=target_macs or 0.5, gate_epochs=gate_epochs,

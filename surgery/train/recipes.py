@@ -84,13 +84,15 @@ def train_csgd(model: nn.Module, example_inputs, data, *, ratio: float = 0.5, ep
 
 
 def train_swp(model: nn.Module, example_inputs, data, *, alpha: float = 1e-5, delta: float = 0.01, epochs: int = 10,
-        config: TrainConfig = TrainConfig(), val_split: float = 0.2, seed: int = 0, target_macs: float | None = None):
+        finetune_epochs: int = 0, config: TrainConfig = TrainConfig(), val_split: float = 0.2, seed: int = 0,
+        target_macs: float | None = None):
     """Stripe-wise pruning: skeleton training (``alpha`` L1 strength, ``delta`` threshold; a channel
     whose filters lose every stripe has its BatchNorm affine held at zero), then filters with no live
     stripe removed as channels (a plan through the pipeline) and the rest run as stripe convolutions.
     MACs are counted by stripes. ``target_macs`` (our extension): after training, the threshold is
     raised to the smallest skeleton magnitude whose stripe model keeps at most that fraction of the
-    MACs (``swp.choose_threshold``); the report's ``threshold`` says which."""
+    MACs (``swp.choose_threshold``); the report's ``threshold`` says which. ``finetune_epochs`` trains
+    the stripe model (its live stripes only) afterwards."""
     if target_macs is not None and not 0 < target_macs <= 1:
         raise TrainError(f"target_macs is the fraction of MACs to keep, in (0, 1], got {target_macs!r}")
     train_set, val_set, probe = _sets(data, val_split, seed)
@@ -109,12 +111,16 @@ def train_swp(model: nn.Module, example_inputs, data, *, alpha: float = 1e-5, de
         net = apply_threshold(net, threshold, groups)
     dead = dead_channels(net, groups)
     pruned = to_stripes(net, example_inputs).eval()
+    accuracy = {"trained": acc_trained, "pruned": evaluate(pruned, probe)[0]}
+    ft = _finetune(pruned, train_set, val_set, config, finetune_epochs)
+    if finetune_epochs > 0:
+        accuracy["finetuned"] = evaluate(pruned, probe)[0]
     before, after = stats(model, example_inputs), stats(pruned, example_inputs)
     return pruned, {
-        "accuracy": {"trained": acc_trained, "pruned": evaluate(pruned, probe)[0]}, "threshold": threshold,
+        "accuracy": accuracy, "threshold": threshold,
         "params": {"before": before.params, "after": after.params}, "macs": {"before": before.macs, "after": after.macs},
         "stripes": stripe_counts(net), "dead_channels": sum(len(v) for v in dead.values()),
-        "history": {"train": hist.epochs},
+        "history": {"train": hist.epochs, "finetune": ft},
     }
 
 

@@ -266,26 +266,60 @@ def apply_threshold(model: nn.Module, delta: float, groups=()) -> nn.Module:
     return out
 
 
+def _conv_costs(model: nn.Module, example_inputs) -> dict[str, int]:
+    """``{skeleton conv: C_in x output positions}``: the MACs of one of its stripes."""
+    from ..dependency_graph.tracing import normalize_inputs
+
+    sizes, handles = {}, []
+    for name in skeletons(model):
+        conv = model.get_submodule(name)
+        handles.append(conv.register_forward_hook(
+            lambda m, i, o, name=name: sizes.__setitem__(name, m.in_channels * o.shape[-1] * o.shape[-2])))
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*normalize_inputs(example_inputs))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return sizes
+
+
 def choose_threshold(model: nn.Module, example_inputs, target_macs: float, delta: float = 0.0, groups=None) -> float:
     """The smallest threshold ``>= delta`` on ``|FS|`` (one of the skeleton magnitudes) whose stripe
-    model (dead filters removed) keeps at most ``target_macs`` of ``model``'s dense MACs."""
+    model (dead filters removed) keeps at most ``target_macs`` of ``model``'s dense MACs.
+
+    The stripe count gives the MACs exactly as long as no filter dies (dead filters only lower them),
+    so it bounds the search from above; the exact count (the model built) settles the rest."""
     from ..stats import stats
 
     groups = channel_groups(model, example_inputs) if groups is None else groups
-    budget = target_macs * stats(fold_skeletons(model), example_inputs).macs
-    mags = torch.cat([s.fs.detach().abs().flatten() for s in skeletons(model).values()])
+    dense = stats(fold_skeletons(model), example_inputs).macs
+    budget = target_macs * dense
+    sk = skeletons(model)
+    cost = _conv_costs(model, example_inputs)
+    fixed = dense - sum(cost[n] * s.fs.numel() for n, s in sk.items())
+    mags = torch.cat([s.fs.detach().abs().flatten() for s in sk.values()])
     cand = [delta] + sorted(set(mags[mags > delta].tolist()))
 
-    def macs(d: float) -> int:
+    def upper(d: float) -> int:
+        return fixed + sum(cost[n] * int((s.fs.detach().abs() > d).sum()) for n, s in sk.items())
+
+    def exact(d: float) -> int:
         return stats(to_stripes(apply_threshold(model, d, groups), example_inputs), example_inputs).macs
 
-    lo, hi = 0, len(cand) - 1
-    if macs(cand[lo]) <= budget:
-        return cand[lo]
-    while hi - lo > 1:  # invariant: macs(cand[lo]) > budget >= macs(cand[hi]) (or hi is the last candidate)
-        mid = (lo + hi) // 2
-        if macs(cand[mid]) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return cand[hi]
+    def smallest(ok, lo: int, hi: int) -> int:
+        """The smallest index in [lo, hi] where ``ok`` holds (``ok(hi)`` is taken as true)."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ok(cand[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+    top = smallest(lambda d: upper(d) <= budget, 0, len(cand) - 1)
+    if top == 0 or exact(cand[top - 1]) > budget:
+        return cand[top]
+    return cand[smallest(lambda d: exact(d) <= budget, 0, top - 1)]
