@@ -85,15 +85,26 @@ def encode_attr(v):
     if type(v) is list:
         return [encode_attr(x) for x in v]
     if type(v) is dict:
-        if not all(isinstance(k, str) for k in v):
-            raise _NotStorable("a dict with keys that are not strings")
-        return {"$dict": {k: encode_attr(x) for k, x in v.items()}}
-    if isinstance(v, (torch.Tensor, nn.Module)) or isinstance(v, (tuple, list, dict)):
+        if all(type(k) is str for k in v):
+            return {"$dict": {k: encode_attr(x) for k, x in v.items()}}
+        if all(type(k) in (int, bool, float, str, tuple) for k in v):  # HF configs' id2label: int keys
+            return {"$items": [[encode_attr(k), encode_attr(x)] for k, x in v.items()]}
+        raise _NotStorable("a dict with keys that are not plain values")
+    if type(v) in (set, frozenset) and all(type(k) in (int, bool, float, str) for k in v):
+        return {"$set" if type(v) is set else "$frozenset": [encode_attr(x) for x in sorted(v, key=repr)]}
+    if _is_hf_config(type(v)):  # rebuilt like a module: __new__ + its attributes, no constructor
+        return {"$config": [_ref(type(v), "configuration class"), {"$dict": {k: encode_attr(x) for k, x in vars(v).items()}}]}
+    if isinstance(v, (torch.Tensor, nn.Module)) or isinstance(v, (tuple, list, dict, set, frozenset)):
         raise _NotStorable(f"a {type(v).__name__}")
     try:
         return codec.encode_value(v)
     except SurgeryError:
         raise _NotStorable(f"a {type(v).__module__}.{type(v).__qualname__}") from None
+
+
+def _is_hf_config(cls: type) -> bool:
+    """A ``transformers`` model configuration class (checked by name: transformers is not imported)."""
+    return any(b.__module__ == "transformers.configuration_utils" and b.__name__ == "PreTrainedConfig" for b in cls.__mro__)
 
 
 class _Resolver:
@@ -120,6 +131,8 @@ class _Resolver:
             ok = isinstance(obj, type) and issubclass(obj, enum.Enum)
         elif kind == "class":
             ok = isinstance(obj, type)
+        elif kind == "config":
+            ok = isinstance(obj, type) and _is_hf_config(obj)
         else:
             ok = callable(obj) and not isinstance(obj, type) and (self.trust or _function_ok(obj, name))
         return "" if ok else f"{name} is not a {'module class' if kind == 'module' else kind} that a checkpoint may name"
@@ -147,18 +160,33 @@ def decode_attr(v, resolve: _Resolver):
             return tuple(decode_attr(e, resolve) for e in x)
         if tag == "$dict" and isinstance(x, dict):
             return {str(k): decode_attr(e, resolve) for k, e in x.items()}
+        if tag == "$items" and isinstance(x, list):
+            return {decode_attr(k, resolve): decode_attr(e, resolve) for k, e in x}
+        if tag in ("$set", "$frozenset") and isinstance(x, list):
+            return (set if tag == "$set" else frozenset)(decode_attr(e, resolve) for e in x)
+        if tag == "$config" and isinstance(x, list) and len(x) == 2:
+            cls, attrs = resolve.get(x[0], "config"), decode_attr(x[1], resolve)
+            if not isinstance(attrs, dict) or any(k.startswith("__") for k in attrs):
+                raise ModelLoadError(f"checkpoint configuration {str(x[0])[:80]!r} is malformed")
+            if cls is None:
+                return None
+            config = cls.__new__(cls)
+            config.__dict__.update(attrs)
+            return config
         if tag == "$class":
             return resolve.get(x, "class")
         if tag == "$function":
             return resolve.get(x, "function")
         if tag == "$enum" and isinstance(x, list) and len(x) == 2:
             cls = resolve.get(x[0], "enum")
-            return cls[x[1]] if cls is not None and x[1] in cls.__members__ else None
+            if cls is not None and x[1] not in cls.__members__:
+                raise ModelLoadError(f"checkpoint names {x[0]}.{str(x[1])[:40]}, which is not a member of {x[0]}")
+            return cls[x[1]] if cls is not None else None
         if tag == "$partial" and isinstance(x, list) and len(x) == 3:
             fn, args, kw = (decode_attr(e, resolve) for e in x)
-            if fn is None or not isinstance(args, list) or not isinstance(kw, dict):
-                return None
-            return functools.partial(fn, *args, **kw)
+            if not isinstance(args, list) or not isinstance(kw, dict):
+                raise ModelLoadError("checkpoint holds a malformed functools.partial")
+            return functools.partial(fn, *args, **kw) if fn is not None else None
     return codec.decode_value(v)
 
 

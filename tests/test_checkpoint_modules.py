@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import types
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import surgery
-from surgery import checkpoint
+from surgery import _allowlist, checkpoint
 from surgery.errors import ModelLoadError
 
 X = torch.randn(1, 3, 32, 32)
@@ -205,6 +206,10 @@ def _attr(value):
     (_attr({"$function": "timm.models._helpers:load_checkpoint"}), False, "load_checkpoint is not a function that"),
     (_attr({"$partial": [{"$function": "torch.hub:load"}, [], {"$dict": {}}]}), False, "torch.hub:load is not a function"),
     (lambda tree: tree["modules"][0]["attrs"].update(__class__="x"), True, ModelLoadError("forbidden attribute '__class__'")),
+    (_attr({"$config": ["transformers.models.bert.configuration_bert:BertConfig", {"$dict": {"__class__": 1}}]}), False,
+     ModelLoadError("configuration .* is malformed")),
+    (_attr({"$config": ["torch.nn:Linear", {"$dict": {}}]}), False, "torch.nn:Linear is not a config that a checkpoint may name"),
+    (_attr({"$enum": ["torch.fx.passes.runtime_assert:X", "A"]}), False, "torch.fx.passes.runtime_assert has no X"),
 ])
 def test_forged_class_names_never_import_outside_the_allowed_packages(tmp_path, monkeypatch, edit, trust, expect):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
@@ -212,9 +217,9 @@ def test_forged_class_names_never_import_outside_the_allowed_packages(tmp_path, 
     surgery.save(net, tmp_path / "ok.pt", example_inputs=X)
     assert type(_load(tmp_path / "ok.pt")) is nn.Sequential
     _forge(tmp_path / "ok.pt", tmp_path / "bad.pt", edit)
-    imported = []
-    real = importlib.import_module
-    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    imported = []  # what the checkpoint loader imports (an allowed package may import others itself)
+    record = types.SimpleNamespace(import_module=lambda name: imported.append(name) or importlib.import_module(name))
+    monkeypatch.setattr(_allowlist, "importlib", record)
     if isinstance(expect, ModelLoadError):
         with pytest.raises(ModelLoadError, match=str(expect)) as exc:
             surgery.load(tmp_path / "bad.pt", trust=trust)
@@ -225,6 +230,7 @@ def test_forged_class_names_never_import_outside_the_allowed_packages(tmp_path, 
         assert len(caught) == 1 and isinstance(back, torch.fx.GraphModule)
     if not trust:
         assert all(name.split(".")[0] in ("torch", "torchvision", "timm", "transformers", "surgery") for name in imported), imported
+    assert "no_such_pkg" not in str(imported) or trust
 
 
 def test_torch_save_of_a_pruned_model_round_trips(pruned_models, tmp_path):
@@ -290,3 +296,20 @@ def test_cli_reads_and_prunes_an_own_class_checkpoint(tmp_path, monkeypatch):
     again = _load(tmp_path / "b2.pt", trust=True)
     assert type(again) is Block and checkpoint.metadata_of(again)["source"] == "surgery checkpoint b.pt"
     assert sum(p.numel() for p in again.parameters()) < params
+
+
+def test_transformers_model_reloads_with_its_config(tmp_path):
+    """A transformers model keeps its config (rebuilt without its constructor; id2label has int keys)
+    and its sets of module names."""
+    from hf_models import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    surgery.save(model, tmp_path / "bert.pt", example_inputs=ids)
+    back = _load(tmp_path / "bert.pt")
+    assert type(back) is type(model) and type(back.config) is type(model.config)
+    assert back.config.to_dict() == model.config.to_dict() and back.config.id2label == model.config.id2label
+    assert back.config._attn_implementation == model.config._attn_implementation
+    with torch.no_grad():
+        for x in (ids, torch.randint(0, model.config.vocab_size, (2, 5))):
+            assert torch.equal(back(x).logits, model(x).logits)
