@@ -9,9 +9,10 @@ default: the user's ``ResNet``, timm model or block class) keeps, besides its gr
 with one entry per module in ``named_modules`` order, the root first: ``{"path", "class":
 "module:QualName", "training", "children": [names, in order], "attrs", "params", "buffers",
 "tensor_attrs"}``, or ``{"path", "alias": other path}`` for a module reached twice. Attributes are
-JSON values with tags (see :func:`encode_attr`): scalars, strings, tuples/lists/str-keyed dicts of
-them, dtypes and sizes, and references to classes, functions, ``functools.partial`` and enum members
-by qualified name. Anything else is listed in ``unstorable``; such a tree is not rebuilt.
+JSON values with tags (see :func:`encode_attr`): scalars, strings, tuples/lists/sets/dicts of them,
+dtypes and sizes, references to classes, functions, ``functools.partial`` and enum members by
+qualified name, and ``transformers`` configurations (their attributes, rebuilt like a module).
+Anything else is listed in ``unstorable``; such a tree is not rebuilt.
 
 :func:`data_to_tree` rebuilds the tree with ``cls.__new__(cls)`` + ``nn.Module.__init__`` + the
 stored attributes, submodules, parameters and buffers: no constructor runs and nothing is unpickled.
