@@ -13,6 +13,7 @@ after warm-up, one thread.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -125,7 +126,9 @@ def render(rows: list[dict]) -> str:
                  "`surgery.sparsity.sparse_inference` only on layers measured to win; an unstructured checkpoint "
                  "otherwise loads as dense weights with zeros (CSR saves disk, not time).")
     verdict = f"CSR is faster for {where}" + (f"; never for {', '.join(never)}" if never else "") + f". {offer}"
-    head = (f"torch {torch.__version__}, one CPU thread, {platform.machine()}; float32; "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    head = (f"torch {torch.__version__}, one CPU thread, {platform.machine()} ({os.cpu_count()} cores, load average "
+            f"{load:.1f} when the table was written: shared machine, times are medians); float32; "
             f"`torch.sparse.mm` on a CSR weight (conv: `F.unfold` + `torch.sparse.mm`, unfold timed) against "
             f"`F.linear` / `F.conv2d`.")
     return f"{head}\n\n" + "\n".join(lines) + f"\n\nA ratio below 1 means CSR is faster. {verdict}"

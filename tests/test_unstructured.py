@@ -277,6 +277,7 @@ def test_cli_prune_stats_finetune_keep_the_zeros(tmp_path):
     (["--method", UNSTRUCTURED, "--sparsity", "1.5"], r"sparsity must be a number in \[0, 1\)"),
     (["--method", UNSTRUCTURED, "--sparsity", "0.5", "--global"], "--global select channels and do not apply"),
     (["--method", UNSTRUCTURED, "--sparsity", "0.5", "--scope", "x"], "unknown scope 'x'"),
+    (["--method", UNSTRUCTURED, "--sparsity", "0.5", "--schedule", "layerwise"], "--schedule select channels"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, pattern):
     surgery.save(convnet(), tmp_path / "net.pt", metadata={"input_shape": [1, 1, 8, 8]}, example_inputs=X)

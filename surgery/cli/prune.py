@@ -57,7 +57,7 @@ def prune(
             given = {"--global": global_, "--layer-ratio": layer_ratio, "--target-macs": target_macs is not None,
                      "--round-to": round_to != 1, "--option": option, "--calib-batches": calib_batches is not None,
                      "--plan": plan_in, "--plan-out": plan_out, "--submodule": submodule, "--free-output": free_output,
-                     "--leaf": leaf}
+                     "--leaf": leaf, "--schedule": schedule != "oneshot"}
             return _prune_unstructured(model, method, sparsity, scope, [k for k, v in given.items() if v], data,
                                        batch_size, finetune_epochs, out, format, output, input_shape, trust, weights,
                                        kwargs)
