@@ -279,15 +279,15 @@ class HFSelfAttention(nn.Module):
 def test_hf_self_attention_block():
     model, x = HFSelfAttention(), torch.randn(2, 5, 16)
     graph = surgery.trace(model, x)
-    qk = _group_of(graph, "query", "weight", 0)
-    assert qk is _group_of(graph, "key", "weight", 0) and qk.prunable and qk.size == 8  # head_dim coordinates
-    v = _group_of(graph, "value", "weight", 0)
-    assert v is _group_of(graph, "out", "weight", 1) and v.prunable and v.size == 8
+    heads = _group_of(graph, "query", "weight", 0)  # whole heads are the unit (rules/heads.py)
+    for name, dim in (("key", 0), ("value", 0), ("out", 1)):
+        assert _group_of(graph, name, "weight", dim) is heads
+    assert heads.prunable and heads.size == 2
     _, pruned, _ = check_pruned_equals_masked(model, x, ratio=0.5)
     for name in ("query", "key", "value"):
         assert tuple(getattr(pruned, name).weight.shape) == (8, 16)
     assert tuple(pruned.out.weight.shape) == (16, 8)
-    assert sorted(_shape_literals(pruned)) == [(2, 4), (2, 4), (2, 4), (8,)]
+    assert sorted(_shape_literals(pruned)) == [(1, 8), (1, 8), (1, 8), (8,)]
 
 
 class SharedShape(nn.Module):

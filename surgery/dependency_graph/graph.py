@@ -144,7 +144,8 @@ class DependencyGraph:
 
     def _hide_weight_only_dims(self) -> None:
         """Drop 'groups' that are just an unshrinkable dim of one parameter (a conv kernel's height
-        read through ``get_attr``): they are not channels. Ids are renumbered densely."""
+        read through ``get_attr``) or entries no op reads (``_unread``): they are not channels. Ids
+        are renumbered densely."""
         t = self.table
         reads: dict[str, set[str]] = {}  # parameter target -> names of the get_attr nodes reading it
         for n in self.fx_graph.nodes:
@@ -152,6 +153,8 @@ class DependencyGraph:
                 reads.setdefault(n.target, set()).add(n.name)
         keep = []
         for g in self.groups:
+            if g.prunable and self._unread(g):
+                continue
             if g.prunable or g.reason is not Reason.FIXED_DIM:
                 keep.append(g)
                 continue
@@ -172,6 +175,14 @@ class DependencyGraph:
         cg = self._comp.comp_group
         self._comp.comp_group = np.where(cg >= 0, remap[cg], -1)
         self.groups = keep
+
+    def _unread(self, group: Group) -> bool:
+        """Whether no op reads the group's entries: a buffer's tail past a constant slice
+        (``position_ids[:, :seq]``) or a ``get_attr`` nobody uses. Unread entries are not channels
+        (removing them would only break longer inputs)."""
+        t = self.table
+        tensors = [t.spaces[s].node for s in group.spaces if t.spaces[s].kind == "tensor"]
+        return bool(tensors) and all(n in self._nodes and self._nodes[n].op == "get_attr" for n in tensors)
 
     def _components(self) -> tuple[int, np.ndarray]:
         """Connected components of the atom couplings, honouring size constraints.

@@ -127,6 +127,22 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module):
+    """Hugging Face models with ``config.use_cache`` return a ``DynamicCache``, which ``torch.export``
+    cannot output: they are traced with the cache off (channels do not depend on it) and every
+    config is restored afterwards, so the user's model, and the pruned one, keep their setting."""
+    configs = {id(c): c for m in model.modules() if isinstance(getattr(c := getattr(m, "config", None), "use_cache", None), bool)}
+    saved = [(c, c.use_cache) for c in configs.values()]
+    try:
+        for c, _ in saved:
+            c.use_cache = False
+        yield
+    finally:
+        for c, flag in saved:
+            c.use_cache = flag
+
+
 def _user_frame(exc: BaseException) -> str:
     """'file:line `code`' of the innermost frame outside torch and surgery, where tracing broke.
 
@@ -316,7 +332,7 @@ def trace_graph(model: nn.Module, example_inputs, leaf_modules: Iterable = (), f
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    with eval_mode(model):
+    with eval_mode(model), without_kv_cache(model):
         try:
             traced = _symbolic_trace(model, leaf_modules)
         except TraceError as fx_error:

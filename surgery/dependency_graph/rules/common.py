@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from ..context import BuildCtx
+from .heads import attention_head_sizes
 from .rotary import rotated_sizes
 
 __all__ = ["op_name", "tensor_args", "unary", "broadcast", "align_reshape", "couple_reshape", "normalize_dims"]
@@ -105,13 +106,14 @@ def couple_reshape(ctx: BuildCtx, x: torch.fx.Node, src: tuple, dst: tuple, path
     A run of several dims merged into one (or split from one) maps onto exactly one dim of the run:
     the one that already reaches a parameter (a channel dim), else the largest, else the outermost;
     in a model with rotary embeddings, not a dim of the rotated size where another is left (the
-    heads rather than the head dim, ``rotary.py``). Merging two dims of the same run would fuse
-    every channel into one unit.
+    heads rather than the head dim, ``rotary.py``), nor of an attention's head-dim size (whole heads
+    are the unit, ``heads.py``). Merging two dims of the same run would fuse every channel into one unit.
     """
     blocks = align_reshape(tuple(src), tuple(dst))
     if blocks is None:
         return
     table = ctx.table
+    avoid = None
     for si, sj in blocks:
         if len(si) == 1 and len(sj) == 1:
             ctx.identity(ctx.sp(x, si[0], path), ctx.out(sj[0]))
@@ -121,13 +123,15 @@ def couple_reshape(ctx: BuildCtx, x: torch.fx.Node, src: tuple, dst: tuple, path
         if len(sj) == 1:  # merge: many src dims -> one dst dim
             sizes = [src[d] for d in si]
             fed = [table.fed[ctx.sp(x, d, path)] for d in si]
-            k = _pick(sizes, fed, rotated_sizes(ctx))
+            avoid = avoid if avoid is not None else rotated_sizes(ctx) | attention_head_sizes(ctx)
+            k = _pick(sizes, fed, avoid)
             whole = ctx.out(sj[0])
             flat = np.arange(math.prod(sizes))
             table.pairs(ctx.sp(x, si[k], path), _coordinate(flat, sizes, k), whole, flat)
         else:  # split: one src dim -> many dst dims
             sizes = [dst[d] for d in sj]
-            k = _pick(sizes, [False] * len(sizes), rotated_sizes(ctx))
+            avoid = avoid if avoid is not None else rotated_sizes(ctx) | attention_head_sizes(ctx)
+            k = _pick(sizes, [False] * len(sizes), avoid)
             whole = ctx.sp(x, si[0], path)
             flat = np.arange(math.prod(sizes))
             table.pairs(whole, flat, ctx.out(sj[k]), _coordinate(flat, sizes, k))
@@ -135,5 +139,8 @@ def couple_reshape(ctx: BuildCtx, x: torch.fx.Node, src: tuple, dst: tuple, path
 
 def _pick(sizes: list[int], fed: list[bool], avoid: frozenset[int] = frozenset()) -> int:
     candidates = [i for i, f in enumerate(fed) if f] or list(range(len(sizes)))
+    heads = [i - 1 for i in range(1, len(sizes)) if sizes[i] in avoid and i - 1 in candidates and sizes[i - 1] not in avoid]
+    if heads:  # the dim right before a head dim holds the heads: (3, heads, head_dim) of a fused qkv
+        return heads[-1]
     candidates = [i for i in candidates if sizes[i] not in avoid] or candidates
     return max(candidates, key=lambda i: (sizes[i], -i))

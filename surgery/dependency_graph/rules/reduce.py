@@ -126,21 +126,3 @@ def einsum(ctx: BuildCtx) -> None:
             if letter in first and out_shape[d] != 1:
                 ctx.identity(first[letter], ctx.out(d))
 
-
-@function_rule(F.scaled_dot_product_attention)
-def sdpa(ctx: BuildCtx) -> None:
-    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    if not all(ctx.is_tensor(t) for t in (q, k, v)) or ctx.arg(3, "attn_mask", None) is not None:
-        return
-    out = ctx.out_val()
-    ctx.identity(ctx.sp(q, -1), ctx.sp(k, -1))
-    ctx.identity(ctx.sp(k, -2), ctx.sp(v, -2))
-    ctx.identity(ctx.sp(q, -2), ctx.out(-2))
-    ctx.identity(ctx.sp(v, -1), ctx.out(-1))
-    if ctx.arg(6, "scale", None) is None:
-        ctx.cross(ctx.sp(q, -1), "attention scale 1/sqrt(head dim)")
-    for t in (q, k, v):
-        shape = ctx.shape(t)
-        for d in range(len(shape) - 2):
-            if shape[d] == out.shape[d]:
-                ctx.identity(ctx.sp(t, d), ctx.out(d))
