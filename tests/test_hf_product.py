@@ -113,6 +113,11 @@ def test_per_layer_widths_warn_and_save_pretrained_refuses(llama_mlp_per_layer, 
                                                r"\(intermediate: 96, 64\); plan with policy='uniform'"):
         out.save_pretrained(tmp_path)
     assert list(tmp_path.iterdir()) == []
+    surgery.hf.save_pruned(out, tmp_path)  # the documented alternative: per-layer widths in config.json
+    again = surgery.hf.load_pruned(tmp_path)
+    assert [layer.mlp.up_proj.out_features for layer in again.model.layers] == [96, 64]
+    ids = example_inputs("llama", batch=2, seq=7, seed=5)[0]
+    assert torch.equal(_logits(again, ids), _logits(out, ids))
 
 
 def test_perplexity_sliding_windows_match_direct():
@@ -126,3 +131,20 @@ def test_perplexity_sliding_windows_match_direct():
     assert perplexity(model, ids, seq_len=16, batch_size=1) == pytest.approx(math.exp(float(nll)), rel=1e-5)
     strided = perplexity(model, ids, seq_len=16, stride=8)  # each token once, with more context
     assert strided == pytest.approx(math.exp(float(nll)), rel=0.2) and strided != perplexity(model, ids, seq_len=16)
+
+
+def test_cli_eval_saved_model_and_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    model = tiny_gpt2(vocab_size=300)
+    model.save_pretrained(tmp_path)
+    want = perplexity(model, "pydoc", seq_len=16, max_windows=3)
+    r = CliRunner().invoke(app, ["eval", str(tmp_path), "--data", "pydoc", "--seq-len", "16", "--max-windows", "3"])
+    assert r.exit_code == 0 and f"perplexity {want:.3f} on pydoc" in r.output
+    r = CliRunner().invoke(app, ["eval", str(tmp_path), "--data", "digits"])
+    assert r.exit_code == 1 and "error: --data must be 'pydoc' or a .txt file, got 'digits'" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "needs a config.json (save_pretrained output)" in r.output

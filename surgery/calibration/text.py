@@ -32,6 +32,7 @@ __all__ = ["BUILTIN", "corpus", "split_text", "tokenizer_for", "text_blocks", "t
 BUILTIN = "pydoc"
 _BPE_CACHE: dict[tuple[str, int], Callable[[str], list[int]]] = {}
 _MIN_BYTE_VOCAB = 257  # 256 bytes and at least one merge
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def is_text_spec(spec) -> bool:
@@ -73,6 +74,10 @@ def _own_tokenizer(tokenizer, model) -> Callable[[str], list[int]] | None:
     name = tokenizer or getattr(getattr(model, "config", None), "name_or_path", "") or ""
     if not name:
         return None
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+        if tokenizer is not None:
+            raise DataError(f"{name} holds no tokenizer ({', '.join(_TOKENIZER_FILES)})")
+        return None  # a save_pretrained model directory without its tokenizer
     try:
         from transformers import AutoTokenizer
 

@@ -9,6 +9,7 @@
     surgery stats MODEL [--latency]
     surgery methods [NAME]
     surgery export MODEL --format onnx|pt2 --out F [--opset N] [--dynamic-batch]
+    surgery eval MODEL [--data pydoc|corpus.txt] [--seq-len 128] [--stride N] [--max-windows N]
 
 Every command takes ``--input-shape 1,3,224,224``, ``--trust``, ``--weights F``, ``--leaf NAME``
 (where it loads a model) and ``--debug``. Errors print one red line on stderr and exit 1 (usage
@@ -19,6 +20,7 @@ work succeeded, and never over the input model.
 from __future__ import annotations
 
 from . import prune, sensitivity, inspect, finetune, train, export  # noqa: F401,I001  (each registers its command, in this order)
+from . import eval  # noqa: F401,E402  (surgery eval: perplexity of a language model)
 from ._common import app
 
 __all__ = ["app", "main"]

@@ -4,8 +4,8 @@
   ``config`` and sets every attribute its modules derive from the config (``num_key_value_groups``,
   GPT-2's ``split_size``, ...), so ``generate``, any batch size / sequence length and
   ``save_pretrained`` + ``from_pretrained`` work. Widths that differ between layers cannot be held by
-  a stock config: the module still runs, ``meta``/warning say why, and ``save_pretrained`` refuses
-  (use :func:`surgery.save`).
+  a stock config: the module still runs, a warning says why, and ``save_pretrained`` refuses
+  (:func:`save_pruned` / :func:`load_pruned` keep such a model).
 * :func:`perplexity`: sliding fixed windows over a text's token ids.
 
 ``transformers`` is imported only when a model is one of its classes (extra ``surgery[hf]``).
@@ -13,5 +13,6 @@
 
 from .config import NonUniformWidths, is_hf_model, layer_widths, sync_config
 from .perplexity import perplexity
+from .saving import load_pruned, save_pruned
 
-__all__ = ["NonUniformWidths", "is_hf_model", "layer_widths", "perplexity", "sync_config"]
+__all__ = ["NonUniformWidths", "is_hf_model", "layer_widths", "load_pruned", "perplexity", "save_pruned", "sync_config"]

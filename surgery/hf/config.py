@@ -12,7 +12,8 @@ its ``__init__`` derived from the config (``num_key_value_groups``, ``scaling``,
 
 When blocks differ (a plan without ``policy="uniform"``), each block gets the attributes a model built
 with *its* widths would have, so the module runs; the widths go to ``config.surgery_layer_widths``, a
-warning says so, and ``save_pretrained`` raises :class:`NonUniformWidths` (``surgery.save`` keeps it).
+warning says so, and ``save_pretrained`` raises :class:`NonUniformWidths`
+(:func:`surgery.hf.save_pruned` / :func:`surgery.hf.load_pruned` keep it).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def _invalid(config) -> str:
 def _refuse_save(reason: str):
     def save_pretrained(self, *args, **kwargs):
         raise NonUniformWidths(f"cannot save_pretrained: {reason}; plan with policy='uniform', "
-                               f"or keep this model with surgery.save(model, path)")
+                               f"or use surgery.hf.save_pruned(model, path) and surgery.hf.load_pruned(path)")
     return save_pretrained
 
 
@@ -236,5 +237,5 @@ def _non_expressible(model, config, widths, common, reason: str) -> str:
     config.surgery_layer_widths = {k: dict(v) for k, v in widths.items()}
     model.save_pretrained = types.MethodType(_refuse_save(reason), model)
     warnings.warn(f"surgery: a stock {type(config).__name__} cannot hold this pruned model: {reason}; "
-                  f"the model runs, save_pretrained refuses (use policy='uniform' or surgery.save)", stacklevel=3)
+                  f"the model runs, save_pretrained refuses (use policy='uniform' or surgery.hf.save_pruned)", stacklevel=3)
     return reason

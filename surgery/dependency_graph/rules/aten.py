@@ -51,6 +51,7 @@ function_rule(*_ops("type_as", "to.other"))(casts.cast_like)
 function_rule(*_ops(
     "add.Tensor", "add_.Tensor", "sub.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor", "add.Scalar",
     "mul.Scalar", "sub.Scalar", "div.Scalar", "pow.Tensor_Scalar", "where.self", "maximum", "minimum",
+    "where.ScalarOther", "where.ScalarSelf", "masked_fill.Scalar", "masked_fill.Tensor",  # T5's masked position bias
     "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clip.Tensor",  # tensor bounds broadcast
 ))(elementwise.elementwise_broadcast)
 
@@ -103,7 +104,6 @@ function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin", "std.dim", "s
                     "var.correction", "logsumexp", "linalg_vector_norm"))(reduce.reduction)
 function_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)
 function_rule(*_ops("matmul", "bmm", "mm"))(reduce.matmul)
-function_rule(*_ops("scaled_dot_product_attention"))(reduce.sdpa)
 function_rule(*_ops("layer_norm", "rms_norm"), rewrite=norm._rewrite_layer_norm)(norm.functional_layernorm)
 function_rule(*_ops("group_norm"), rewrite=norm._rewrite_group_norm)(norm.functional_groupnorm)
 
@@ -123,6 +123,8 @@ def _rewrite_slice(ctx: RewriteCtx) -> None:
     x = ctx.old.args[0]
     dim = ctx.old_arg(1, "dim", 0) % x.meta["val"].dim()
     kept = ctx.kept(x, dim)
+    if kept.all():  # this dim lost nothing (the batch, a sequence): open bounds stay open, sizes stay symbolic
+        return
     if any(isinstance(a, torch.fx.Node) for a in ctx.old.args[2:4]):  # bounds are sizes: the dim is not coupled
         return
     start, end = _slice_bounds(ctx.old, kept.size)
