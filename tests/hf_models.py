@@ -1,8 +1,9 @@
 """Tiny random Hugging Face models for the transformer tests (built offline from configs, no downloads).
 
 Every builder returns a model with a task head (so the hidden size is not a model output), seeded,
-in eval mode, with ``use_cache=False`` (a ``DynamicCache`` output cannot be exported). ``example_inputs(name)`` gives matching inputs. Importing this module needs
-``transformers``: call ``pytest.importorskip("transformers")`` before importing it from a test.
+in eval mode, with ``use_cache=False`` (a ``DynamicCache`` output cannot be exported).
+``example_inputs(name)`` gives matching inputs. Importing this module needs ``transformers``: call
+``pytest.importorskip("transformers")`` before importing it from a test.
 
     from hf_models import HF_MODELS, example_inputs  # tests/ on sys.path, as for helpers.py
     model = HF_MODELS["llama"]()
