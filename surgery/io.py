@@ -12,6 +12,10 @@ Files
     torch/torchvision/timm/transformers/surgery only with ``trust=True``). ``weights=`` loads a
     state_dict (``weights_only=True`` or safetensors).
 
+``.onnx`` files (:mod:`surgery.frontends.onnx`) and Keras/TensorFlow models (``.keras``, ``.h5``,
+frozen ``.pb``, SavedModel directories; :mod:`surgery.frontends.tensorflow`, converted in a
+subprocess) are folded for ``input_shape`` when given.
+
 Every failure is a :class:`~surgery.errors.ModelLoadError` with one line. Input files are only read.
 
 Examples

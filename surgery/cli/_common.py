@@ -30,7 +30,8 @@ _out = Console(width=None if Console().is_terminal else 200, highlight=False)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # -- shared options -----------------------------------------------------------------------------
-ModelArg = Annotated[str, typer.Argument(help="A model file (.pt/.pth pickle, .pt2, surgery checkpoint, Caffe .prototxt) or a spec: "
+ModelArg = Annotated[str, typer.Argument(help="A model file (.pt/.pth pickle, .pt2, surgery checkpoint, Caffe .prototxt, .onnx, "
+                                              ".keras/.h5/.pb or a SavedModel directory) or a spec: "
                                               "torchvision:NAME, timm:NAME, package.module:factory.")]
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224.")]
 Trust = Annotated[bool, typer.Option("--trust", help="Fully unpickle MODEL (runs code from the file: trusted files only).")]
