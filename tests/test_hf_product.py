@@ -148,3 +148,24 @@ def test_cli_eval_saved_model_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "needs a config.json (save_pretrained output)" in r.output
+
+
+def test_bert_heads_with_hidden_kept_run_as_own_class_but_cannot_be_saved(tmp_path):
+    """BertConfig ties the head size to hidden_size / heads: two of four heads gone with the hidden
+    size kept runs (attention attributes set from a config of its own widths) but has no stock config."""
+    from hf_models import tiny_bert
+
+    model, x = tiny_bert(), example_inputs("bert")
+    res, warned = _run(model, x, "group-l1", skip_cross_channel=True, only_layers=["*.attention.self.query"])
+    out = res.model
+    assert type(out) is transformers.BertForSequenceClassification
+    attn = out.bert.encoder.layer[0].attention.self
+    assert (attn.num_attention_heads, attn.attention_head_size, attn.all_head_size) == (2, 16, 32)
+    masked = apply_to_graph(res.graph, res.plan, "mask", "module", model)
+    ids = example_inputs("bert", batch=2, seq=9, seed=2)[0]
+    with torch.no_grad():
+        assert torch.allclose(out(ids).logits, masked(ids).logits, atol=1e-5)
+    reason = "this config ties head_dim to hidden_size / heads (64 / 2 != 16)"
+    assert any(reason in w for w in warned)
+    with pytest.raises(NonUniformWidths, match=r"the module runs as it is; prune only widths this config class can describe$"):
+        out.save_pretrained(tmp_path)

@@ -116,6 +116,21 @@ def layer_widths(model: nn.Module, config=None) -> dict[str, dict[str, int]]:
     return out
 
 
+def _hidden_width(model: nn.Module) -> int | None:
+    """Width of the input embedding: a token table's columns, or the output of the first conv /
+    linear inside a patch embedding (ViT)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if isinstance(emb, nn.Embedding):
+        return int(emb.weight.shape[1])
+    for m in (emb.modules() if isinstance(emb, nn.Module) else ()):
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            return int(m.weight.shape[0])
+    return None
+
+
 def _meta_model(model: nn.Module, config) -> nn.Module:
     """A model of ``model``'s class built from ``config`` on the meta device (no memory, no init)."""
     with torch.device("meta"), warnings.catch_warnings():
@@ -134,11 +149,12 @@ def _first_difference(a: dict, b: dict) -> str:
     return ""
 
 
-def _copy_scalars(dst: nn.Module, src: nn.Module, prefix: str = "") -> None:
+def _copy_scalars(dst: nn.Module, src: nn.Module, prefix: str = "", exact: bool = False) -> None:
     """Copy the int/float attributes (and int tuples) of every module of ``src`` under ``prefix``
-    onto the same-named module of ``dst``: what ``__init__`` derived from the config."""
+    (only ``prefix`` itself when ``exact``) onto the same-named module of ``dst``: what ``__init__``
+    derived from the config."""
     for name, s in src.named_modules():
-        if prefix and not (name == prefix or name.startswith(prefix + ".")):
+        if prefix and not (name == prefix or (not exact and name.startswith(prefix + "."))):
             continue
         try:
             d = dst.get_submodule(name)
@@ -174,10 +190,14 @@ def _invalid(config) -> str:
     return ""
 
 
-def _refuse_save(reason: str):
+def _refuse_save(reason: str, per_layer: bool):
+    if per_layer:
+        hint = "plan with policy='uniform', or use surgery.hf.save_pruned(model, path) and surgery.hf.load_pruned(path)"
+    else:  # one width per kind, but not one this config class can describe
+        hint = "the module runs as it is; prune only widths this config class can describe"
+
     def save_pretrained(self, *args, **kwargs):
-        raise NonUniformWidths(f"cannot save_pretrained: {reason}; plan with policy='uniform', "
-                               f"or use surgery.hf.save_pruned(model, path) and surgery.hf.load_pruned(path)")
+        raise NonUniformWidths(f"cannot save_pretrained: {reason}; {hint}")
     return save_pretrained
 
 
@@ -189,7 +209,7 @@ def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
     config = model.config
     before = getattr(original, "config", config)
     widths = layer_widths(model, before)
-    hidden = model.get_input_embeddings().weight.shape[1] if model.get_input_embeddings() is not None else None
+    hidden = _hidden_width(model)
     common: dict[str, int] = {"head_dim": head_dim_of(before)}
     if hidden is not None and _config_name(config, "hidden"):
         common["hidden"] = int(hidden)
@@ -228,14 +248,22 @@ def _non_expressible(model, config, widths, common, reason: str) -> str:
     """Give each block the attributes of a model built with its own widths; record and guard."""
     first = next(iter(widths.values()), {})
     _copy_scalars(model, _meta_model(model, _with_widths(config, {**common, **first})))
+    tied = _config_name(config, "head_dim") is None  # BERT, ViT, GPT-2: head size = hidden / heads
     for name, w in widths.items():
         fresh = _meta_model(model, _with_widths(config, {**common, **w}))
         _copy_scalars(model, fresh, prefix=name)
+        q = _find(model.get_submodule(name), _Q)
+        if tied and q is not None and "heads" in w:
+            # the attention module alone, from a config whose hidden size is its heads x head size
+            attn = f"{name}.{q[0]}".rpartition(".")[0]
+            inner = _with_widths(config, {**w, "hidden": w["heads"] * common["head_dim"]})
+            _copy_scalars(model, _meta_model(model, inner), prefix=attn, exact=True)
     if "hidden" in common:
         name = _config_name(config, "hidden")
         setattr(config, name, common["hidden"])
     config.surgery_layer_widths = {k: dict(v) for k, v in widths.items()}
-    model.save_pretrained = types.MethodType(_refuse_save(reason), model)
+    per_layer = reason.startswith("widths differ between layers")
+    model.save_pretrained = types.MethodType(_refuse_save(reason, per_layer), model)
     warnings.warn(f"surgery: a stock {type(config).__name__} cannot hold this pruned model: {reason}; "
                   f"the model runs, save_pretrained refuses (use policy='uniform' or surgery.hf.save_pruned)", stacklevel=3)
     return reason
