@@ -231,3 +231,20 @@ def test_corrupt_file_is_one_line(tmp_path):
     text = str(exc.value)
     assert text.startswith(f"{path}: not a readable ONNX model") and "\n" not in text
     assert path.read_bytes().startswith(b"\x08\x07garbage")  # the input is only read
+
+
+def test_corrupt_graphs_are_one_line(tmp_path):
+    """A corrupt op name (with a newline) and an initializer whose data does not fit its shape."""
+    n = oh.make_node
+    path = save_graph(tmp_path / "name.onnx", [n("Conv", ["x", "w"], ["c"]), n("Re\nlu", ["c"], ["y"])],
+                      [init("w", 4, 3, 1, 1)], [1, 3, 4, 4])
+    with pytest.raises(ModelLoadError) as exc:
+        load_onnx(str(path))
+    assert str(exc.value) == (f"{path}: onnx2torch has no converter at opset 17 for Re\\nlu; re-export with another "
+                              f"opset (onnx2torch covers opsets 9-21)")
+    bad = init("w", 4, 3, 1, 1)
+    bad.raw_data = bad.raw_data[:-4]  # one float short
+    path = save_graph(tmp_path / "size.onnx", [n("Conv", ["x", "w"], ["y"])], [bad], [1, 3, 4, 4])
+    with pytest.raises(ModelLoadError) as exc:
+        load_onnx(str(path))
+    assert str(exc.value) == f"{path}: not a valid ONNX model (ValueError: cannot reshape array of size 11 into shape (4,3,1,1))"

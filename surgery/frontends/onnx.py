@@ -42,7 +42,12 @@ _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
 
 def _one_line(exc: BaseException) -> str:
     first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return _printable(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (names in a corrupt file may hold newlines)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- opset ------------------------------------------------------------------------------------------
@@ -67,7 +72,7 @@ def check_opset(model, source: str = "the ONNX model") -> int:
         except NotImplementedError:
             missing.append(f"{domain + '.' if domain else ''}{node.op_type}")
     if missing:
-        names = ", ".join(sorted(set(missing)))
+        names = _printable(", ".join(sorted(set(missing))))
         raise ModelLoadError(f"{source}: onnx2torch has no converter at opset {opset} for {names}; "
                              f"re-export with another opset (onnx2torch covers opsets {MIN_OPSET}-{_max_opset()})")
     return opset
@@ -223,9 +228,14 @@ def convert(model, shape: tuple[int, ...] | None = None, source: str = "the ONNX
     """``(GraphModule, input_shape)`` for an ``onnx.ModelProto`` (see the module docstring)."""
     import onnx2torch
 
-    check_opset(model, source)
-    shape = input_shape(model, shape, source)
-    folded = fold_constants(model, shape)
+    try:
+        check_opset(model, source)
+        shape = input_shape(model, shape, source)
+        folded = fold_constants(model, shape)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a corrupt file: onnx's shape inference, numpy or the schema lookup complain
+        raise ModelLoadError(f"{source}: not a valid ONNX model ({_one_line(exc)})") from None
     try:
         gm = onnx2torch.convert(folded)
     except Exception as exc:
