@@ -9,7 +9,8 @@ those weights ``k``, so the channel's importance is::
 
 with ``g`` the gradient of the causal language-model loss (next-token cross-entropy, the labels
 shifted by one) averaged over the calibration batches. Labels default to the input ids themselves
-(text calibration yields ``(ids, ids)``); ``loss=`` replaces the loss. Gradients are taken with
+(text calibration yields ``(ids, ids)``); with class labels ``(x, y)`` the loss is the cross-entropy
+of the class logits, so the criterion also runs on classifiers; ``loss=`` replaces the loss. Gradients are taken with
 ``torch.func.functional_call`` on detached copies of the parameters: no ``.grad`` of the model is
 touched. A channel whose weights are all zero scores 0. Scores are loss changes in the loss's own
 units, so the global policy compares them raw (``normalize="none"``).
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..calibration.recorder import default_loss
 from ..dependency_graph.tracing import eval_mode
 from ..errors import PlanError
 from ._registry import register_method
@@ -34,12 +36,15 @@ PAPER = "Ma, Fang, Wang, LLM-Pruner: On the Structural Pruning of Large Language
 
 def causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``outputs``' logits ``(batch, seq, vocab)`` against ``labels``
-    ``(batch, seq)`` shifted by one."""
+    ``(batch, seq)`` shifted by one; for class labels ``(batch,)`` (a classifier calibrated with
+    ``(x, y)``), the cross-entropy of the class logits."""
     from ..hf.perplexity import logits_of
 
+    if labels is not None and labels.dim() == 1:
+        return default_loss(outputs, labels)
     logits = logits_of(outputs)
     if logits.dim() != 3 or labels is None or labels.dim() != 2:
-        raise PlanError("llm-taylor needs a language model: logits (batch, seq, vocab) and token ids (batch, seq)")
+        raise PlanError("llm-taylor needs token ids (batch, seq) with logits (batch, seq, vocab), or class labels")
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
 
 
