@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SurgeryError", "TraceError", "PlanError", "MethodError", "RewriteError", "ModelLoadError"]
+__all__ = ["SurgeryError", "TraceError", "PlanError", "MethodError", "RewriteError", "ModelLoadError", "ExportError"]
 
 
 class SurgeryError(Exception):
@@ -27,3 +27,7 @@ class RewriteError(SurgeryError):
 
 class ModelLoadError(SurgeryError):
     """A model file or spec could not be loaded."""
+
+
+class ExportError(SurgeryError):
+    """A model could not be exported (ONNX or ``.pt2``)."""

@@ -40,16 +40,12 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write
-from .errors import SurgeryError
+from .errors import ExportError
 
 __all__ = ["export", "FORMATS", "DEFAULT_OPSET"]
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; below it the TorchScript exporter writes the file
-
-
-class ExportError(SurgeryError):
-    """A model could not be exported."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -75,8 +71,9 @@ def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
 
 @contextlib.contextmanager
 def _quiet():
-    """torch.export and the ONNX exporter print progress and warnings; keep them out of the way."""
-    logging.disable(logging.WARNING)
+    """torch.export and the ONNX exporter print progress, warnings and their own error logs; keep them
+    out of the way (a failure comes back as one ExportError line)."""
+    logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
