@@ -169,3 +169,23 @@ def test_bert_heads_with_hidden_kept_run_as_own_class_but_cannot_be_saved(tmp_pa
     assert any(reason in w for w in warned)
     with pytest.raises(NonUniformWidths, match=r"the module runs as it is; prune only widths this config class can describe$"):
         out.save_pretrained(tmp_path)
+
+
+def test_cli_prune_model_directory_with_text_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_llama(vocab_size=300).save_pretrained(src)
+    r = CliRunner().invoke(app, ["prune", str(src), "--method", "wanda-structured", "--ratio", "0.5", "--data", "pydoc",
+                                 "--input-shape", "2,16", "--calib-batches", "2",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "result: LlamaForCausalLM" in r.output
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert again.config.intermediate_size == 64 and again.model.layers[0].mlp.up_proj.out_features == 64
+    r = CliRunner().invoke(app, ["eval", str(out), "--seq-len", "16", "--max-windows", "2"])
+    assert r.exit_code == 0 and "perplexity" in r.output
+    bad = CliRunner().invoke(app, ["prune", "torchvision:resnet18", "--method", "wanda-structured", "--data", "pydoc"])
+    assert bad.exit_code == 1 and "error: text --data pydoc needs a language model (a save_pretrained directory)" in bad.output

@@ -125,6 +125,8 @@ def _builder_kwargs(text: str | None) -> dict:
 
 def _load(model: str, trust: bool, weights: Path | None, input_shape: str | None, kwargs: str | None = None):
     shape = parse_input_shape(input_shape) if input_shape else None
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json")):  # save_pretrained output
+        return _load_language_model(model, trust, shape)
     module, known, source = load_model(model, trust=trust, weights=weights, kwargs=_builder_kwargs(kwargs), input_shape=shape)
     shape = shape or known
     if shape is None:
@@ -196,9 +198,28 @@ def _method_options(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _calibration(data: str | None, x: torch.Tensor, batch_size: int, calib_batches: int | None):
+def _load_language_model(path: str, trust: bool, shape):
+    """A Hugging Face model directory: token ids of ``shape`` (default 1 x 128) as the example input."""
+    from surgery.hf.load import load_language_model
+
+    module, source = load_language_model(path, trust=trust)
+    module.config.use_cache = False  # a KV cache output cannot be traced
+    shape = tuple(shape or (1, 128))
+    if len(shape) != 2:
+        raise SurgeryError(f"a language model takes token ids of shape (batch, sequence), got --input-shape {shape}")
+    vocab = int(getattr(module.config, "vocab_size", 2))
+    return module, torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)), source
+
+
+def _calibration(data: str | None, x: torch.Tensor, batch_size: int, calib_batches: int | None, model=None):
     if data is None:
         return None
+    from surgery.calibration.text import is_text_spec, text_calibration
+
+    if is_text_spec(data):  # 'pydoc' or a .txt file: token blocks shaped like the example input
+        if model is None or x.is_floating_point():
+            raise SurgeryError(f"text --data {data} needs a language model (a save_pretrained directory)")
+        return text_calibration(data, model, (x,))
     from surgery.calibration import Calibration, load_data
 
     xs, ys = load_data(data, tuple(x.shape))

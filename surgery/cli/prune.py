@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -99,7 +101,7 @@ def prune(
         with _progress() as step:
             step(f"loading {model}")
             net, x, source = _load(model, trust, weights, input_shape, kwargs)
-            calib = _calibration(data, x, batch_size, calib_batches)
+            calib = _calibration(data, x, batch_size, calib_batches, net)
             result = run(net, saved.example_inputs() if saved else x, method, ratio, calib, plan=saved, measure=True,
                          output=output, progress=step, **options)
             p, pruned, before, after = result.plan, result.model, result.before, result.after
@@ -195,7 +197,15 @@ def _save_result(model, out: Path, format: str, meta: dict, example_inputs) -> N
     backbone) is written as a whole-module pickle instead, which ``surgery`` loads back through its
     allow-list (its classes come from torch / torchvision)."""
     from surgery.errors import TraceError
+    from surgery.hf import is_hf_model
 
+    if is_hf_model(model) and not out.suffix:  # a Hugging Face model into a directory: save_pretrained
+        tmp = out.with_name(f".{out.name}.tmp")
+        model.save_pretrained(tmp)
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return
     try:
         checkpoint.save(model, out, format=format, metadata=meta, example_inputs=example_inputs)
     except TraceError:
