@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -307,46 +307,31 @@ def test_mutated_caffe_files_fail_cleanly_or_load(target):
     prop()
 
 
-#: Single-bit flips of ``_onnx_bytes()`` (719 bytes) that the ONNX loader does not turn into one clean
-#: ModelLoadError line. A scan of all 5752 single-bit flips on 2026-11-24 gave 1488 clean errors, 711
-#: identical loads, 3376 silently different models (no checksum in ONNX), 171 escaping exceptions
-#: (TypeError, onnx InferenceError, ValueError, KeyError) and 2 two-line errors; one example of
-#: each family below.
-ONNX_CRASHES = [
-    pytest.param(5, 5, id="elem-type-TypeError",
-                 marks=pytest.mark.xfail(reason="onnx loader: TypeError 'The element type in the input tensor is "
-                                                "UNDEFINED.' escapes as a TypeError", strict=False)),
-    pytest.param(16, 3, id="shape-inference-InferenceError",
-                 marks=pytest.mark.xfail(reason="onnx loader: onnx.shape_inference InferenceError '[ShapeInferenceError] "
-                                                "(op_type:Conv ...): Output 0 is out of bounds.' escapes", strict=False)),
-    pytest.param(21, 7, id="op-type-not-utf8-TypeError",
-                 marks=pytest.mark.xfail(reason="onnx loader: TypeError from onnx.defs.get_schema() on an op_type that "
-                                                "is not valid UTF-8 escapes", strict=False)),
-    pytest.param(152, 1, id="initializer-size-ValueError",
-                 marks=pytest.mark.xfail(reason="onnx loader: numpy ValueError 'cannot reshape array of size 432 into "
-                                                "shape (4,3,3,3)' escapes", strict=False)),
-    pytest.param(152, 5, id="initializer-dtype-KeyError",
-                 marks=pytest.mark.xfail(reason="onnx loader: KeyError '33' (an unknown tensor data type) escapes",
-                                         strict=False)),
-    pytest.param(20, 3, id="error-spans-two-lines",
-                 marks=pytest.mark.xfail(reason="onnx loader: the ModelLoadError quotes a corrupt op_type holding a "
-                                                "newline, so the message spans two lines", strict=False)),
+#: Single-bit flips of ``_onnx_bytes()`` (719 bytes), one of each failure family that a scan of all
+#: 5752 single-bit flips found in the ONNX loader on 2026-11-24 (171 escaping exceptions, 2 two-line
+#: errors; also 3376 silently different models, which no loader can catch without a checksum). The
+#: ONNX front end turned them into one-line errors in b00225a; these keep them that way.
+ONNX_FLIPS = [
+    pytest.param(5, 5, id="elem-type-was-TypeError"),  # 'The element type in the input tensor is UNDEFINED.'
+    pytest.param(16, 3, id="shape-inference-was-InferenceError"),  # '(op_type:Conv ...): Output 0 is out of bounds.'
+    pytest.param(21, 7, id="op-type-not-utf8-was-TypeError"),  # onnx.defs.get_schema() on a non-UTF-8 op_type
+    pytest.param(152, 1, id="initializer-size-was-ValueError"),  # 'cannot reshape array of size 432 into (4,3,3,3)'
+    pytest.param(152, 5, id="initializer-dtype-was-KeyError"),  # KeyError '33': an unknown tensor data type
+    pytest.param(20, 3, id="error-spanned-two-lines"),  # the message quoted a corrupt op_type holding a newline
 ]
 
 
-@pytest.mark.parametrize("pos, bit", ONNX_CRASHES)
-def test_onnx_single_bit_flips_found_crashing(pos, bit):
+@pytest.mark.parametrize("pos, bit", ONNX_FLIPS)
+def test_onnx_single_bit_flips_that_used_to_crash(pos, bit):
     buf = bytearray(_onnx_bytes())
     buf[pos] ^= 1 << bit
     _mutate_onnx(bytes(buf), f"flip byte {pos} bit {bit}")
 
 
-@pytest.mark.xfail(reason="the ONNX loader lets TypeError / onnx InferenceError escape on some corrupt files "
-                          "(see test_onnx_single_bit_flips_found_crashing)", strict=False)
 def test_mutated_onnx_files_fail_cleanly_or_load():
     good = _onnx_bytes()
 
-    @settings(SETTINGS, max_examples=max(10, EXAMPLES // 3), phases=[Phase.generate])  # no shrinking: it is xfail
+    @settings(SETTINGS, max_examples=max(10, EXAMPLES // 3))
     @given(mutation=mutated(good))
     def prop(mutation):
         what, blob = mutation
