@@ -11,10 +11,10 @@ network slimming, C-SGD, stripe-wise pruning and Pruning from Scratch on top of 
 """
 
 from .config import Hooks, TrainConfig, TrainError, lr_factor, param_groups, split
-from .recipes import train_csgd, train_from_scratch, train_swp
+from .recipes import layer_steps, prune_layerwise, train_csgd, train_from_scratch, train_swp
 from .slimming import slimmed_norms, slimming, sparsity_hook
 from .trainer import History, evaluate, fit, load_state
 
-__all__ = ["Hooks", "History", "TrainConfig", "TrainError", "evaluate", "fit", "load_state", "lr_factor",
-           "param_groups", "slimmed_norms", "slimming", "sparsity_hook", "split", "train_csgd", "train_from_scratch",
+__all__ = ["Hooks", "History", "TrainConfig", "TrainError", "evaluate", "fit", "layer_steps", "load_state", "lr_factor",
+           "param_groups", "prune_layerwise", "slimmed_norms", "slimming", "sparsity_hook", "split", "train_csgd", "train_from_scratch",
            "train_swp"]
