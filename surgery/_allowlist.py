@@ -63,6 +63,8 @@ _PRIVATE_ATEN = {
     "_assert_scalar", "_assert_async", "_assert_tensor_metadata", "_to_copy", "_unsafe_view", "_softmax",
     "_log_softmax", "_native_batch_norm_legit_no_training", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
 }
+#: Bitwise aten ops whose names are dunders (attention masks of exported transformers: ``aten.__and__``).
+_DUNDER_ATEN = {"__and__", "__or__", "__xor__", "__lshift__", "__rshift__"}
 #: Size arithmetic of graphs with symbolic shapes (``torch.sym_max(s0, 1)``).
 _TORCH_SYM = {"sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum"}
 
@@ -156,7 +158,7 @@ def _resolve_op(name: str):
     parts = name.split(".")[2:]  # torch.ops.<ns>.<op>[.<overload>]
     if len(parts) not in (2, 3) or parts[0] not in _OP_NAMESPACES:
         return None
-    private = parts[0] == "aten" and parts[1] in _PRIVATE_ATEN
+    private = parts[0] == "aten" and (parts[1] in _PRIVATE_ATEN or parts[1] in _DUNDER_ATEN)
     if any(p.startswith("_") for p in parts[2 if private else 1:]):
         return None
     if parts[0] == "torchvision":

@@ -273,3 +273,21 @@ def test_loads_and_runs_without_torchvision(tmp_path, pruned_resnet):
 def test_package_import_without_torchvision(tmp_path, pruned_resnet):
     r = _run_blocked(tmp_path, pruned_resnet, stub=False)
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1]
+
+
+def test_bitwise_aten_dunder_ops_are_storable(tmp_path):
+    # exported transformers build their attention masks with aten.__and__ (and __or__ / __xor__)
+    aten = torch.ops.aten
+
+    class Masked(nn.Module):
+        def forward(self, x):
+            a, b = x > 0, x < 1
+            both = aten.__and__.Tensor(a, b)
+            return torch.where(both, x, x * 2) + aten.__or__.Tensor(a, b).float() + aten.__xor__.Tensor(a, b).float()
+
+    x = torch.randn(2, 5)
+    gm = torch.fx.symbolic_trace(Masked())
+    surgery.save(gm, tmp_path / "m.pt", example_inputs=(x,))
+    back = surgery.load(tmp_path / "m.pt")
+    assert {str(n.target) for n in back.graph.nodes} >= {"aten.__and__.Tensor", "aten.__or__.Tensor"}
+    assert torch.equal(back(x), Masked()(x))
