@@ -57,6 +57,7 @@ from torch import nn
 
 from . import _graph_codec as codec
 from . import _module_codec as tree_codec
+from ._provenance import example_inputs_of
 from .errors import ModelLoadError, SurgeryError
 
 __all__ = ["FORMATS", "OUTPUTS", "save", "load", "read_metadata", "metadata_of", "is_checkpoint", "atomic_write"]
@@ -253,8 +254,8 @@ def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = 
     (``example_inputs``, when given, are used to trace and check it). For a module that is not a
     ``GraphModule`` (the user's class, as :func:`surgery.apply` returns it) its own class tree is
     stored too, so that :func:`load` can rebuild that class; the shapes of ``example_inputs`` (else
-    ``metadata["input_shape"]``) are kept to check it on load. Without them only the graph is
-    stored, with a warning.
+    those :func:`surgery.apply` traced the result with, else ``metadata["input_shape"]``) are kept to
+    check it on load. Without any of them only the graph is stored, with a warning.
     ``format="csr"`` stores each floating tensor of two or more dimensions as CSR components where
     they take fewer bytes than the dense tensor (unstructured-sparse weights), else dense; both
     formats load back to the same dense model, bit for bit.
@@ -264,6 +265,8 @@ def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = 
         raise SurgeryError(f"unknown checkpoint format {format!r}; known formats: {', '.join(FORMATS)}")
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
+    if example_inputs is None and not isinstance(model, torch.fx.GraphModule):
+        example_inputs = example_inputs_of(model)  # what surgery.apply traced and checked the result with
     gm = _as_graph_module(model, example_inputs)
     store = _TensorStore(format)
     spec = {"graph": codec.graph_to_data(gm), "modules": codec.modules_to_data(gm, store.add)}

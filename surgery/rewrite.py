@@ -17,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from . import module_tree
+from ._provenance import remember_inputs
 from .dependency_graph import DependencyGraph
 from .dependency_graph import trace as trace_graph
 from .dependency_graph.context import RewriteCtx
@@ -221,6 +222,7 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", outp
     if output != "graph" and model is not None and mode == "mask":
         out = copy.deepcopy(model)
         _zero_removed(out, per_tensor, folded)
+        remember_inputs(out, graph.example_inputs)
         return out
     gm = graph_result if graph_result is not None else _graph_result(graph, plan, mode, removed, per_tensor, folded)
     if output == "graph":
@@ -231,6 +233,7 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", outp
         if candidate is not None:
             why = module_tree.check(candidate, gm, graph.example_inputs)
             if not why:
+                remember_inputs(candidate, graph.example_inputs)  # surgery.save(candidate, path) needs no inputs
                 return candidate
     if output == "module":
         raise RewriteError(f"cannot return the model's own class: {why}")

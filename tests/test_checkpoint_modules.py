@@ -4,6 +4,7 @@ the GraphModule with the reason; forged class names never import outside the all
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import json
@@ -162,8 +163,9 @@ def test_changed_class_or_unstorable_attribute_falls_back(tmp_path, monkeypatch)
     surgery.save(pruned, tmp_path / "h.pt", example_inputs=X)
     with pytest.warns(UserWarning, match=r"not stored: attribute helper \(a function without an importable qualified name"):
         _same_outputs(surgery.load(tmp_path / "h.pt", trust=True), pruned)
+    copied = copy.deepcopy(pruned)  # not a result of surgery.apply: no example inputs are known for it
     with pytest.warns(UserWarning, match="saving Block as a graph only: its own class is checked on load on the example inputs' shapes"):
-        surgery.save(pruned, tmp_path / "n.pt")
+        surgery.save(copied, tmp_path / "n.pt")
     assert isinstance(_load(tmp_path / "n.pt", trust=True), torch.fx.GraphModule)
     with pytest.raises(ModelLoadError, match="holds a GraphModule, not a model's own class"):
         surgery.load(tmp_path / "n.pt", output="module")
@@ -313,3 +315,14 @@ def test_transformers_model_reloads_with_its_config(tmp_path):
     with torch.no_grad():
         for x in (ids, torch.randint(0, model.config.vocab_size, (2, 5))):
             assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_an_apply_result_saves_its_own_class_without_example_inputs(pruned_models, tmp_path):
+    # surgery.apply remembers the inputs it traced and checked the result with (DESIGN.md's save example)
+    pruned = pruned_models("resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surgery.save(pruned, tmp_path / "p.pt")
+        back = surgery.load(tmp_path / "p.pt")
+    assert type(back) is type(pruned)
+    _same_outputs(back, pruned)
