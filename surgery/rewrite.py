@@ -227,6 +227,8 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", outp
     gm = graph_result if graph_result is not None else _graph_result(graph, plan, mode, removed, per_tensor, folded)
     if output == "graph":
         return gm
+    if isinstance(model, torch.fx.GraphModule) and graph.frontend == "fx":
+        return gm  # the model is a graph (imported from Caffe or ONNX): its rewritten graph is its own kind
     why = "the model the graph was traced from is not available"
     if model is not None:
         candidate, why = module_tree.build(model, graph, removed, per_tensor, folded, _sliced_copies, gm)

@@ -93,6 +93,15 @@ def test_prune_from_the_cli_equals_the_api(files, name, tmp_path):
     with torch.no_grad():
         assert torch.allclose(from_cli(x), same(x), rtol=1e-5, atol=1e-6)
     assert n_params(from_cli) == n_params(same) < n_params(model)
+    # ... then ``surgery export p.pt --format onnx --out p.onnx``: onnxruntime computes what PyTorch computes
+    ort = pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (pip install -e '.[onnx]')")
+    onnx_file = tmp_path / "p.onnx"
+    r = CliRunner().invoke(app, ["export", str(out), "--format", "onnx", "--out", str(onnx_file)])
+    assert r.exit_code == 0, r.stderr or r.stdout
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert rel(got, from_cli(x).numpy()) < 1e-4
 
 
 def test_checkpoint_reloads_affine_layers(files, tmp_path):
