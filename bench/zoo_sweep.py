@@ -205,19 +205,29 @@ def summary_text(title: str, rows: list[dict], wall: float | None) -> str:
 def readme_text() -> str:
     parts = []
     for zoo, title in (("timm", "timm, smallest model of each family"), ("torchvision", "torchvision")):
-        path = RESULTS / f"zoo-{zoo}.json"
+        path, subset = RESULTS / f"zoo-{zoo}.json", ""
+        if not path.exists() and (RESULTS / f"zoo-{zoo}-partial.json").exists():
+            path, subset = RESULTS / f"zoo-{zoo}-partial.json", " (subset)"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
         rows = [normalized(r) for r in data["rows"]]
+        if subset:
+            parts.append(f"_{title}: a subset of {len(rows)} models was run (the full sweep did not fit the time "
+                         f"available): {', '.join(r['name'] for r in rows)}._")
+        if data.get("rerun"):
+            parts.append(f"_{title}: {data['rerun']}._")
+        if data.get("not_run"):
+            parts.append(f"_{title}: {len(data['not_run'])} not run in the time available: "
+                         f"{', '.join(data['not_run'])}._")
         if zoo == "torchvision":
             for kind in ("classification", "segmentation", "video"):
                 sub = [r for r in rows if r.get("kind") == kind]
                 if sub:
-                    parts.append(summary_text(f"torchvision {kind}", sub, None))
+                    parts.append(summary_text(f"torchvision {kind}{subset}", sub, None))
             parts[-1] += f"\n\ntorchvision total: {len(rows)} models in {data['wall_seconds'] / 60:.0f} min."
         else:
-            parts.append(summary_text(title, rows, data.get("wall_seconds")))
+            parts.append(summary_text(title + subset, rows, data.get("wall_seconds")))
         env = data.get("versions", {})
         parts.append(f"<sub>{data.get('source', '')}; {', '.join(f'{k} {v}' for k, v in env.items())}; "
                      f"{data.get('timeout', '')} s and {data.get('mem_gb', '')} GB per model; "
@@ -225,6 +235,26 @@ def readme_text() -> str:
     if not parts:
         raise SystemExit(f"no stored results in {RESULTS}; run --timm / --torchvision first")
     return "\n\n".join(parts)
+
+
+def merge_partial(zoo: str, specs: list[dict]) -> Path:
+    """Add the rows of ``zoo-<zoo>-partial.json`` to ``zoo-<zoo>.json`` for models the full file lacks
+    (two sweeps of one commit run side by side, e.g. families a-m and n-z), and record the models of
+    ``specs`` neither has as ``not_run``. Refuses results of different commits."""
+    full, part = RESULTS / f"zoo-{zoo}.json", RESULTS / f"zoo-{zoo}-partial.json"
+    a, b = json.loads(full.read_text()), json.loads(part.read_text())
+    if a.get("source") != b.get("source"):
+        raise SystemExit(f"cannot merge results of {a.get('source')!r} and {b.get('source')!r}")
+    have = {r["name"] for r in a["rows"]}
+    rows = a["rows"] + [r for r in b["rows"] if r["name"] not in have]
+    order = {s["name"]: i for i, s in enumerate(specs)}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))
+    done = {r["name"] for r in rows}
+    not_run = [(f"{s['family']} ({s['name']})" if s.get("family") else s["name"]) for s in specs if s["name"] not in done]
+    a.update(rows=rows, not_run=not_run, wall_seconds=max(a.get("wall_seconds", 0), b.get("wall_seconds", 0)),
+             source=f"{a.get('source', '')}, in {1 + bool(b['rows'])} processes side by side")
+    full.write_text(json.dumps(a, indent=1, default=str))
+    return full
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -286,12 +316,22 @@ def main(argv=None) -> int:
     ap.add_argument("--at", default="", metavar="REV",
                     help="sweep surgery/ (and the harness) as of this commit, e.g. HEAD, not the working tree")
     ap.add_argument("--readme", action="store_true", help="write the stored full results' summary into README.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="add the partial results' rows (same commit) to the full results of --timm/--torchvision")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     zoos = [z for z, on in (("timm", args.timm or args.quick), ("torchvision", args.torchvision or args.quick)) if on]
     if not zoos and (args.models or not args.readme):
         zoos = ["torchvision"]
     families = [f for f in args.families.split(",") if f]
+    if args.merge:
+        import zoo_models
+
+        for zoo in zoos if (args.timm or args.torchvision) else []:
+            specs = (zoo_models.timm_family_specs(cache=RESULTS / "timm-params.json") if zoo == "timm"
+                     else zoo_models.torchvision_specs())
+            print(f"merged into {merge_partial(zoo, specs)}", file=sys.stderr)
+        zoos = []
     failed = 0
     source, commit = snapshot(args.at) if zoos else (None, None)
     note = source_note(commit) if zoos else ""
