@@ -37,7 +37,7 @@ class Site:
 
     node: str  # fx node of the call
     input: str  # fx node of the activation it reads
-    kind: str  # "conv" or "linear" (or "convT" / "embedding": producers only)
+    kind: str  # "conv", "linear", "linearT" (``addmm``: weight (in, out), GPT-2's Conv1D), "convT" / "embedding"
     owner: str  # module owning the weight ("" for the root)
     weight: str  # parameter name on ``owner``
     bias: str | None
@@ -51,13 +51,13 @@ class Site:
         """The weight dim that contracts over input channels (-1 when the op does not contract)."""
         if self.kind in ("conv", "linear"):
             return 1 if self.groups == 1 else -1
-        if self.kind == "convT":
+        if self.kind in ("convT", "linearT"):
             return 0 if self.groups == 1 else -1
         return -1
 
     @property
     def out_dim(self) -> int:
-        return {"conv": 0, "linear": 0, "convT": 1, "embedding": 1}[self.kind]
+        return {"conv": 0, "linear": 0, "linearT": 1, "convT": 1, "embedding": 1}[self.kind]
 
 
 def _split(target: str) -> tuple[str, str]:
@@ -87,8 +87,22 @@ def _module_site(node: torch.fx.Node, m: nn.Module) -> Site | None:
     return None
 
 
+def _addmm_site(node: torch.fx.Node) -> Site | None:
+    """``addmm(bias, x, w)`` with a ``get_attr`` weight of shape (in, out) (GPT-2's ``Conv1D``)."""
+    args = node.args
+    if len(args) < 3 or not all(isinstance(a, torch.fx.Node) for a in args[:3]) or args[2].op != "get_attr":
+        return None
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    bias = _split(args[0].target)[1] if args[0].op == "get_attr" else None
+    owner, weight = _split(args[2].target)
+    return Site(node.name, args[1].name, "linearT", owner, weight, bias)
+
+
 def _aten_site(node: torch.fx.Node) -> Site | None:
     args = node.args
+    if node.target in (torch.addmm, aten.addmm.default):
+        return _addmm_site(node)
     if node.target is aten.linear.default:
         kind, n = "linear", 0
     elif node.target in _ATEN_CONV:

@@ -162,7 +162,7 @@ def _eligible(ctx: ScoreContext, scope: str) -> tuple[dict[int, list[Consumer]],
     todo: dict[int, list[Consumer]] = {}
     skipped: dict[int, str] = {}
     for g in ctx.groups:
-        makers = [s for s, _ in producers(ctx.graph, g) if s.kind in ("conv", "linear", "convT")]
+        makers = [s for s, _ in producers(ctx.graph, g) if s.kind in ("conv", "linear", "linearT", "convT")]
         if scope == "inner" and len(makers) != 1:
             skipped[g.id] = (f"{len(makers)} layers produce these channels (a residual stream); ThiNet prunes a layer's "
                              "own filters only (scope='all' scores them too)" if makers else
@@ -171,6 +171,11 @@ def _eligible(ctx: ScoreContext, scope: str) -> tuple[dict[int, list[Consumer]],
         cons = consumers(ctx.graph, g)
         if not cons:
             skipped[g.id] = "no conv or linear consumes these channels: no output to reconstruct"
+            continue
+        transposed = [s for s, _ in cons if s.kind == "linearT"]
+        if transposed:
+            skipped[g.id] = (f"consumer {transposed[0].owner or transposed[0].node} is an addmm with an (in, out) weight "
+                             "(GPT-2's Conv1D); ThiNet's contributions are written for conv and linear layers")
             continue
         bad = [s for s, _ in cons if s.kind == "conv" and not s.padding]
         if bad:
