@@ -344,8 +344,12 @@ def export_module(model: nn.Module, inputs: Sequence) -> torch.fx.GraphModule:
     names, flat = _input_names(model, inputs), pytree.tree_leaves(inputs)
     reasons: list[str] = []
     key = (type(model), tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in flat))
+    on_meta = any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
     for label, example, dynamic, doubled in _tries(inputs):
         static = dynamic is None
+        if on_meta and not static:  # a dynamic graph is accepted only once it ran on the example
+            reasons.append(f"{label}: the model is on the meta device, where the graph cannot be run to check it")
+            continue
         if label == _DYNAMIC_SIZES and key in _OUT_OF_TIME:
             reasons.append(f"{label}: {_gave_up(DYNAMIC_SECONDS)} before, for this class and these shapes")
             continue
