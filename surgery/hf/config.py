@@ -244,6 +244,14 @@ def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
     return _non_expressible(model, config, widths, common, f"widths differ between layers ({shown})")
 
 
+def _fit_conv1d(model: nn.Module) -> None:
+    """GPT-2's ``Conv1D`` keeps its output width as ``nf``: take it from its (in, out) weight."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor) and w.dim() == 2:
+            m.nf = int(w.shape[1])
+
+
 def _non_expressible(model, config, widths, common, reason: str) -> str:
     """Give each block the attributes of a model built with its own widths; record and guard."""
     first = next(iter(widths.values()), {})
@@ -258,6 +266,7 @@ def _non_expressible(model, config, widths, common, reason: str) -> str:
             attn = f"{name}.{q[0]}".rpartition(".")[0]
             inner = _with_widths(config, {**w, "hidden": w["heads"] * common["head_dim"]})
             _copy_scalars(model, _meta_model(model, inner), prefix=attn, exact=True)
+    _fit_conv1d(model)  # the attention module's own projections keep their real widths
     if "hidden" in common:
         name = _config_name(config, "hidden")
         setattr(config, name, common["hidden"])
