@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import linecache
 import os
 import traceback
@@ -210,10 +211,23 @@ def _symbolic_trace(model: nn.Module, leaf_modules: Iterable) -> Traced:
             names = names | {inside[-1]}
     where = _user_frame(error)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "co_varnames is too small" in first and _takes_var_keyword(model):
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: torch.fx cannot enter a forward that takes **kwargs (as Hugging Face "
+            f"models do), and no leaf module can help; the torch.export front end traces it instead"
+        ) from error
     raise TraceError(
         f"cannot trace {type(model).__name__}: {first}{where}; make the module that contains this code "
         f"a leaf (leaf_modules=[...], CLI --leaf NAME)"
     ) from error
+
+
+def _takes_var_keyword(model: nn.Module) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class _ShapeRunner(torch.fx.Interpreter):
