@@ -22,7 +22,7 @@ def table() -> str:
     rows = ["| method | paper | needs | scores | options (default) |", "|---|---|---|---|---|"]
     for name in list_methods():
         m = get_method(name)
-        needs = "data + labels" if m.needs_labels else "data" if m.needs_data else "weights"
+        needs = "data + labels" if m.needs_labels else "data" if m.needs_data else "weights" if "weights" in m.needs else "-"
         opts = ", ".join(f"`{o.name}` ({o.default!r})" for o in m.options) or "-"
         cells = (f"`{name}`", m.paper or "-", needs, m.summary, opts)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

@@ -109,10 +109,18 @@ def split_options(method: str, options: dict) -> tuple[PlanOptions, dict]:
     return PlanOptions(**plan_kw).check(), resolved
 
 
+def _on_meta(model) -> bool:
+    return model is not None and any(p.is_meta for p in model.parameters())
+
+
 def score_groups(model, graph, method: str, groups, data, opts: PlanOptions, method_opts: dict, loss, progress) -> Scores:
     """Run ``method`` on ``groups`` (calibration data prepared per its needs); scores checked."""
     m = get_method(method)
     calibration = None
+    if (m.needs_data or "weights" in m.needs) and groups and _on_meta(model):
+        raise PlanError(f"method {method!r} reads the model's weights, but they are on the meta device (no data): load "
+                        f"the weights first (e.g. from_pretrained, load_state_dict(..., assign=True)), or plan with a "
+                        f"method that reads none (random)")
     if m.needs_data:
         if data is None:
             raise PlanError(f"method {method!r} needs calibration data (data=..., CLI --data)")

@@ -110,7 +110,7 @@ def methods(
             _out.print(f"[bold]{escape(m.name)}[/bold]: {escape(m.summary)}")
             if m.paper:
                 _out.print(f"paper: {escape(m.paper)}")
-            _out.print(f"needs: {', '.join(n for n in ('weights', 'data', 'labels') if n in m.needs)}")
+            _out.print(f"needs: {', '.join(n for n in ('weights', 'data', 'labels') if n in m.needs) or 'nothing'}")
             _out.print(f"global ranking normalisation: {m.normalize}")
             if m.doc:
                 _out.print(escape(m.doc))

@@ -7,7 +7,7 @@ import numpy as np
 from ._registry import Option, register_method
 
 
-@register_method("random", "uniform random scores (baseline)", options=(Option("seed", int, 0, "random seed"),))
+@register_method("random", "uniform random scores (baseline)", needs=(), options=(Option("seed", int, 0, "random seed"),))
 def random_scores(ctx, seed: int):
     """Every channel gets an independent uniform score; the same seed gives the same plan."""
     rng = np.random.default_rng(seed)
