@@ -42,14 +42,11 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
-import tempfile
 import warnings
 import weakref
-from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -57,170 +54,18 @@ from torch import nn
 
 from . import _graph_codec as codec
 from . import _module_codec as tree_codec
+from ._files import atomic_write
 from ._provenance import example_inputs_of
+from ._tensor_layout import TensorStore, checksum, decode_tensors
 from .errors import ModelLoadError, SurgeryError
 
-__all__ = ["FORMATS", "OUTPUTS", "save", "load", "read_metadata", "metadata_of", "is_checkpoint", "atomic_write"]
+__all__ = ["FORMATS", "OUTPUTS", "save", "load", "read_metadata", "metadata_of", "is_checkpoint", "checksum"]
 
 FORMATS = ("dense", "csr")
 OUTPUTS = ("auto", "module", "graph")
 FORMAT_VERSION = "2"
 _READABLE_VERSIONS = ("1", "2")
 _MAX_HEADER = 512 * 1024 * 1024
-
-
-# -- atomic writes ------------------------------------------------------------------------------
-def atomic_write(path, data: bytes | str | Callable[[str], None]) -> None:
-    """Write ``data`` (bytes, text, or a function writing a given path) to ``path`` atomically.
-
-    The content goes to a temporary file in the same directory, which replaces ``path`` only once it
-    is complete; on any failure (including ``KeyboardInterrupt``) the temporary file is removed.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SurgeryError(f"cannot write {path}: directory {folder} does not exist")
-    if os.path.isdir(path):
-        raise SurgeryError(f"cannot write {path}: it is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as exc:
-        raise SurgeryError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(tmp)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise SurgeryError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-
-
-# -- tensors ------------------------------------------------------------------------------------
-class _TensorStore:
-    """Collects tensors under unique keys; a tensor object seen twice is stored once."""
-
-    def __init__(self, layout: str):
-        self.layout = layout
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.table: dict[str, dict] = {}
-        self._by_id: dict[int, str] = {}
-        self._storages: set[int] = set()
-
-    def add(self, t: torch.Tensor, key: str) -> str:
-        if id(t) in self._by_id:
-            return self._by_id[id(t)]
-        if t.device.type == "meta" or t.is_sparse or t.is_quantized:
-            raise SurgeryError(f"cannot store tensor {key!r}: {t.device.type if t.device.type == 'meta' else t.layout} tensors are not supported")
-        key = key.replace("::", "__")
-        while key in self.table:
-            key += "_"
-        self._by_id[id(t)] = key
-        t = t.detach().cpu()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if not t.is_contiguous() or (ptr is not None and ptr in self._storages) or t.numel() != t.untyped_storage().nbytes() // max(1, t.element_size()):
-            t = t.contiguous().clone()
-        if ptr is not None:
-            self._storages.add(ptr)
-        parts = _csr_parts(t) if self.layout == "csr" else None
-        if parts is not None:
-            for suffix, part in zip(("crow", "col", "values"), parts):
-                self.tensors[f"{key}::{suffix}"] = part
-            self.table[key] = {"layout": "csr", "shape": list(t.shape)}
-        else:
-            self.tensors[key] = t
-            self.table[key] = {"layout": "dense"}
-        return key
-
-
-def _index_dtype(bound: int, small: bool = False) -> torch.dtype:
-    """The narrowest signed integer dtype holding every value in ``[0, bound]`` (int16 only if ``small``)."""
-    if small and bound <= torch.iinfo(torch.int16).max:
-        return torch.int16
-    return torch.int32 if bound <= torch.iinfo(torch.int32).max else torch.int64
-
-
-def _csr_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(row pointers, column indices, values) of ``t.reshape(t.shape[0], -1)`` if they take fewer
-    bytes than ``t``; ``None`` when ``t`` is not a floating tensor of >= 2 dims or dense is smaller."""
-    if t.dim() < 2 or not t.is_floating_point() or t.numel() == 0:
-        return None
-    m = t.reshape(t.shape[0], -1)
-    rows, cols = m.shape
-    nnz = int(torch.count_nonzero(m))
-    crow_dtype, col_dtype = _index_dtype(nnz), _index_dtype(cols - 1, small=True)
-    itemsize = {dt: torch.empty((), dtype=dt).element_size() for dt in (crow_dtype, col_dtype)}
-    csr_bytes = (rows + 1) * itemsize[crow_dtype] + nnz * (itemsize[col_dtype] + t.element_size())
-    if csr_bytes >= t.numel() * t.element_size():
-        return None
-    nz = m != 0  # NaN counts as non-zero, so it is kept
-    row_idx, col_idx = nz.nonzero(as_tuple=True)
-    crow = torch.zeros(rows + 1, dtype=torch.int64)
-    crow[1:] = torch.bincount(row_idx, minlength=rows).cumsum(0)
-    return crow.to(crow_dtype), col_idx.to(col_dtype), m[nz].clone()
-
-
-_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
-
-
-def _csr_dense(key: str, shape, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The dense tensor of CSR components, after checking every invariant (a forged or corrupt
-    file raises ``ModelLoadError`` instead of indexing out of bounds)."""
-    if not (isinstance(shape, list) and len(shape) >= 2 and all(type(s) is int and s >= 0 for s in shape)):
-        raise ModelLoadError(f"CSR tensor {key!r} has a bad shape {shape!r}")
-    rows, cols = shape[0], 1
-    for s in shape[1:]:
-        cols *= s
-    nnz = values.numel()
-    if crow.dtype not in _INDEX_DTYPES or col.dtype not in _INDEX_DTYPES or not values.is_floating_point():
-        raise ModelLoadError(f"CSR tensor {key!r} has index or value components of the wrong dtype")
-    if crow.dim() != 1 or col.dim() != 1 or values.dim() != 1 or crow.numel() != rows + 1 or col.numel() != nnz:
-        raise ModelLoadError(f"CSR tensor {key!r} has components of inconsistent sizes")
-    crow, col = crow.long(), col.long()
-    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
-        raise ModelLoadError(f"CSR tensor {key!r} has corrupt row pointers")
-    if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
-        raise ModelLoadError(f"CSR tensor {key!r} has column indices out of range")
-    dense = torch.zeros(rows * cols, dtype=values.dtype)
-    dense[torch.repeat_interleave(torch.arange(rows), crow.diff()) * cols + col] = values
-    return dense.reshape(shape)
-
-
-def checksum(header: dict, tensors: dict[str, torch.Tensor]) -> str:
-    """``sha256:<hex>`` of the header's format/model/metadata strings and every tensor's name, dtype,
-    shape and bytes (in name order)."""
-    h = hashlib.sha256()
-    for field in ("format", "format_version", "model", "metadata"):
-        value = str(header.get(field, ""))
-        h.update(f"{field}={len(value)}:{value};".encode())
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return "sha256:" + h.hexdigest()
-
-
-def _decode_tensors(table: dict, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, info in table.items():
-        if info.get("layout") == "csr":
-            out[key] = _csr_dense(key, info.get("shape"), raw[f"{key}::crow"], raw[f"{key}::col"], raw[f"{key}::values"])
-        else:
-            out[key] = raw[key].clone()  # a fresh, aligned allocation: kernels then match the saved model bit for bit
-    return out
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -268,7 +113,7 @@ def save(model: nn.Module, path, format: str = "dense", metadata: dict | None = 
     if example_inputs is None and not isinstance(model, torch.fx.GraphModule):
         example_inputs = example_inputs_of(model)  # what surgery.apply traced and checked the result with
     gm = _as_graph_module(model, example_inputs)
-    store = _TensorStore(format)
+    store = TensorStore(format)
     spec = {"graph": codec.graph_to_data(gm), "modules": codec.modules_to_data(gm, store.add)}
     if model is not gm:
         inputs = _check_inputs(example_inputs, metadata)
@@ -424,11 +269,6 @@ def load(path, output: str = "auto", *, trust: bool = False) -> nn.Module:
     if output not in OUTPUTS:
         raise SurgeryError(f"unknown output {output!r}; known outputs: {', '.join(OUTPUTS)}")
 
-    """Rebuild the model saved at ``path``; its metadata is in ``module.meta["surgery"]``.
-
-    Raises :class:`~surgery.errors.ModelLoadError` for a missing, truncated or corrupt file, or one
-    that names a module class or function outside the allow-list.
-    """
     path = os.fspath(path)
     meta = _read_header_meta(path)
     from safetensors import SafetensorError
@@ -448,7 +288,7 @@ def load(path, output: str = "auto", *, trust: bool = False) -> nn.Module:
     if meta.get("format_version") != "1" and meta.get("checksum") != checksum(meta, raw):  # version 1 had none
         raise ModelLoadError(f"{path}: checksum mismatch: the file is corrupt (changed after it was written)")
     try:
-        tensors = _decode_tensors(spec["tensors"], raw)
+        tensors = decode_tensors(spec["tensors"], raw)
         root, tensor_names = codec.data_to_modules(spec["modules"], tensors)
         module_paths = {p for p, _ in root.named_modules(remove_duplicate=False) if p}
         graph = codec.data_to_graph(spec["graph"], tensor_names, module_paths)
@@ -473,7 +313,7 @@ def load(path, output: str = "auto", *, trust: bool = False) -> nn.Module:
     if not isinstance(tree, dict):
         raise ModelLoadError(f"{path}: the checkpoint holds a GraphModule, not a model's own class")
     try:
-        model, why = _own_class(spec, _decode_tensors(spec["tensors"], raw), gm, trust)
+        model, why = _own_class(spec, decode_tensors(spec["tensors"], raw), gm, trust)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     except Exception as exc:  # a hand-crafted tree can fail anywhere; report it in one line

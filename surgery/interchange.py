@@ -39,7 +39,7 @@ import warnings
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from ._files import atomic_write
 from .errors import ExportError
 
 __all__ = ["export", "FORMATS", "DEFAULT_OPSET"]

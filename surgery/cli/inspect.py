@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .. import _graph_export as graph_export
 from .. import checkpoint
+from .._files import atomic_write
 from ..errors import SurgeryError
 from ._common import (
     Debug, InputShape, Kwargs, Leaf, ModelArg, Trust, Weights, _check_output, _fmt, _load, _out, _run, app,
@@ -49,13 +50,13 @@ def graph(
                 _out.print(table)
                 _out.print(escape(summary))
             else:
-                checkpoint.atomic_write(out, graph_export.render_text(table) + summary + "\n")
+                atomic_write(out, graph_export.render_text(table) + summary + "\n")
             return
         data = graph_export.export(dep, format, source)
         if out is None:
             print(data if isinstance(data, str) else data.decode())
         else:
-            checkpoint.atomic_write(out, data)
+            atomic_write(out, data)
 
     _run(debug, work)
 

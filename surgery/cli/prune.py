@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import checkpoint
+from .._files import atomic_write
 from ..errors import SurgeryError
 from ._common import (
     BatchSize, CalibBatches, Data, Debug, InputShape, Kwargs, Leaf, MethodOpt, ModelArg, Trust, Weights,
@@ -115,7 +116,7 @@ def prune(
                 _save_result(pruned, out, format, meta, p.example_inputs())
         if plan_out is not None:
             try:
-                checkpoint.atomic_write(plan_out, p.to_json(indent=1))
+                atomic_write(plan_out, p.to_json(indent=1))
             except BaseException:
                 if out is not None and not existed:
                     out.unlink(missing_ok=True)  # all outputs or none
@@ -211,7 +212,7 @@ def _save_result(model, out: Path, format: str, meta: dict, example_inputs) -> N
     except TraceError:
         if isinstance(model, torch.fx.GraphModule) or format != "dense":
             raise
-        checkpoint.atomic_write(out, lambda tmp: torch.save(model, tmp))
+        atomic_write(out, lambda tmp: torch.save(model, tmp))
         _out.print("the whole model cannot be traced: written as a whole-module pickle (torch.save)")
 
 

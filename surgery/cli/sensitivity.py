@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .. import checkpoint
+from .._files import atomic_write
 from ..errors import SurgeryError
 from ._common import (
     BatchSize, CalibBatches, Data, Debug, InputShape, Kwargs, Leaf, MethodOpt, ModelArg, Trust, Weights,
@@ -95,7 +95,7 @@ def _write_all(files: list) -> None:
     try:
         for path, data in files:
             existed = path.exists()
-            checkpoint.atomic_write(path, data)
+            atomic_write(path, data)
             if not existed:
                 made.append(path)
     except BaseException:

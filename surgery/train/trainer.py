@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from ..checkpoint import atomic_write
+from .._files import atomic_write
 from .config import Hooks, TrainConfig, TrainError, lr_factor, param_groups
 
 __all__ = ["fit", "evaluate", "History", "load_state"]
