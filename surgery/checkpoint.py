@@ -313,7 +313,7 @@ def load(path, output: str = "auto", *, trust: bool = False) -> nn.Module:
     if not isinstance(tree, dict):
         raise ModelLoadError(f"{path}: the checkpoint holds a GraphModule, not a model's own class")
     try:
-        model, why = _own_class(spec, decode_tensors(spec["tensors"], raw), gm, trust)
+        model, why = _own_class(spec, tensors, gm, trust)  # shares tensors with gm: only one of the two is returned
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     except Exception as exc:  # a hand-crafted tree can fail anywhere; report it in one line
