@@ -31,7 +31,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup", "module_rule_for", "is_leaf"]
+__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup", "module_rule_for", "is_leaf", "aten_ops"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,15 @@ def lookup(node: torch.fx.Node, module: nn.Module | None = None) -> OpRule | Non
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
+
+
+def aten_ops(*names: str) -> list:
+    """aten overloads (``"add.Tensor"``; a bare name is its ``default``) that exist in this torch
+    build, for the export front end's aliases of a rule; missing names are skipped."""
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            out.append(op)
+    return out

@@ -15,57 +15,48 @@ import torch
 
 from ..context import BuildCtx, RewriteCtx
 from . import casts, conv, conv_transpose, elementwise, linear, norm, pooling, reduce, shape, slicing, weight_norm
-from ._registry import function_rule
+from ._registry import aten_ops, function_rule
 
 aten = torch.ops.aten
 
 
-def _ops(*names: str):
-    """aten overloads that exist in this torch build (missing names are skipped)."""
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return out
 
 
 for _n, _name in ((1, "conv1d"), (2, "conv2d"), (3, "conv3d")):
-    function_rule(*_ops(_name), rewrite=conv.rewrite_functional_conv)(conv.FUNCTIONAL_CONV[_n])
+    function_rule(*aten_ops(_name), rewrite=conv.rewrite_functional_conv)(conv.FUNCTIONAL_CONV[_n])
 for _n in (1, 2, 3):  # conv_transpose1d has only .default, 2d and 3d have .input
-    function_rule(*_ops(f"conv_transpose{_n}d", f"conv_transpose{_n}d.input"),
+    function_rule(*aten_ops(f"conv_transpose{_n}d", f"conv_transpose{_n}d.input"),
                   rewrite=conv_transpose.rewrite_functional_conv_transpose)(conv_transpose.FUNCTIONAL_CONV_TRANSPOSE[_n])
-function_rule(*_ops("_weight_norm"), aliases={"dim": "except_dim"})(weight_norm.weight_norm)  # dim -1: no dim
-function_rule(*_ops("linear"))(linear.functional_linear)
-function_rule(*_ops("embedding"), aliases={"indices": "input"})(linear.functional_embedding)  # (weight, indices)
+function_rule(*aten_ops("_weight_norm"), aliases={"dim": "except_dim"})(weight_norm.weight_norm)  # dim -1: no dim
+function_rule(*aten_ops("linear"))(linear.functional_linear)
+function_rule(*aten_ops("embedding"), aliases={"indices": "input"})(linear.functional_embedding)  # (weight, indices)
 
-function_rule(*_ops(
+function_rule(*aten_ops(
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_", "hardsigmoid",
     "hardtanh", "hardtanh_", "dropout", "clone", "alias", "detach", "elu", "leaky_relu", "mish", "exp", "neg",
     "sqrt", "rsqrt", "abs", "clamp", "clamp_min", "clamp_max", "cos", "sin", "_to_copy", "contiguous", "to.dtype", "to.dtype_layout", "to.device",
     "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
     "feature_alpha_dropout_",
 ))(elementwise.elementwise_unary)
-function_rule(*_ops("type_as", "to.other"))(casts.cast_like)
-function_rule(*_ops(
+function_rule(*aten_ops("type_as", "to.other"))(casts.cast_like)
+function_rule(*aten_ops(
     "add.Tensor", "add_.Tensor", "sub.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor", "add.Scalar",
     "mul.Scalar", "sub.Scalar", "div.Scalar", "pow.Tensor_Scalar", "where.self", "maximum", "minimum",
     "where.ScalarOther", "where.ScalarSelf", "masked_fill.Scalar", "masked_fill.Tensor",  # T5's masked position bias
     "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clip.Tensor",  # tensor bounds broadcast
 ))(elementwise.elementwise_broadcast)
 
-function_rule(*_ops("cat"))(slicing.cat)
-function_rule(*_ops("stack"))(slicing.stack)
-function_rule(*_ops("view", "reshape", "_unsafe_view"), rewrite=shape._rewrite_shape)(shape.reshape)
-function_rule(*_ops("flatten.using_ints", "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze"))(shape.reshape_no_constants)
-function_rule(*_ops("permute", "transpose.int", "t"))(shape.permute)
-function_rule(*_ops("expand"), rewrite=shape._rewrite_shape)(shape.expand)
-function_rule(*_ops("unbind.int"))(slicing.unbind)
-function_rule(*_ops("select.int"))(slicing.select)
-function_rule(*_ops("index.Tensor"))(slicing.index_tensor)
-function_rule(*_ops("chunk"), rewrite=slicing._rewrite_chunk_like)(slicing.chunk)
-function_rule(*_ops("split_with_sizes"), rewrite=slicing._rewrite_split)(slicing.split)
+function_rule(*aten_ops("cat"))(slicing.cat)
+function_rule(*aten_ops("stack"))(slicing.stack)
+function_rule(*aten_ops("view", "reshape", "_unsafe_view"), rewrite=shape._rewrite_shape)(shape.reshape)
+function_rule(*aten_ops("flatten.using_ints", "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze"))(shape.reshape_no_constants)
+function_rule(*aten_ops("permute", "transpose.int", "t"))(shape.permute)
+function_rule(*aten_ops("expand"), rewrite=shape._rewrite_shape)(shape.expand)
+function_rule(*aten_ops("unbind.int"))(slicing.unbind)
+function_rule(*aten_ops("select.int"))(slicing.select)
+function_rule(*aten_ops("index.Tensor"))(slicing.index_tensor)
+function_rule(*aten_ops("chunk"), rewrite=slicing._rewrite_chunk_like)(slicing.chunk)
+function_rule(*aten_ops("split_with_sizes"), rewrite=slicing._rewrite_split)(slicing.split)
 
 
 def _rewrite_split_tensor(ctx: RewriteCtx) -> None:
@@ -77,15 +68,15 @@ def _rewrite_split_tensor(ctx: RewriteCtx) -> None:
     ctx.node.kwargs = {}
 
 
-function_rule(*_ops("split.Tensor"), rewrite=_rewrite_split_tensor)(slicing.split)
+function_rule(*aten_ops("split.Tensor"), rewrite=_rewrite_split_tensor)(slicing.split)
 
-for _op, _spatial in ((_ops("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2d"), 2),
-                      (_ops("adaptive_avg_pool1d", "max_pool1d", "avg_pool1d"), 1)):
+for _op, _spatial in ((aten_ops("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2d"), 2),
+                      (aten_ops("adaptive_avg_pool1d", "max_pool1d", "avg_pool1d"), 1)):
     for _o in _op:
         pooling._SPATIAL_FUNCTIONS[_o] = _spatial
     function_rule(*_op)(pooling.spatial_function)
 
-function_rule(*_ops(  # channels pass through, spatial dims are produced
+function_rule(*aten_ops(  # channels pass through, spatial dims are produced
     "upsample_nearest1d.vec", "upsample_nearest1d.default", "upsample_nearest2d.vec", "upsample_nearest2d.default",
     "upsample_nearest3d.vec", "upsample_nearest3d.default", "_upsample_nearest_exact1d.vec",
     "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact3d.vec", "upsample_linear1d.vec",
@@ -94,21 +85,21 @@ function_rule(*_ops(  # channels pass through, spatial dims are produced
     "upsample_bicubic2d.default", "_upsample_bicubic2d_aa.vec", "upsample_trilinear3d.vec",
     "upsample_trilinear3d.default",
 ))(pooling.resize)
-function_rule(*_ops("pad", "constant_pad_nd"))(pooling.pad)
-function_rule(*_ops(
+function_rule(*aten_ops("pad", "constant_pad_nd"))(pooling.pad)
+function_rule(*aten_ops(
     "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d",
     "replication_pad3d",
 ), aliases={"padding": "pad"})(pooling.pad)
 
-function_rule(*_ops("mean.dim", "sum.dim_IntList", "amax", "amin", "std.dim", "std.correction", "var.dim",
+function_rule(*aten_ops("mean.dim", "sum.dim_IntList", "amax", "amin", "std.dim", "std.correction", "var.dim",
                     "var.correction", "logsumexp", "linalg_vector_norm"))(reduce.reduction)
-function_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)
-function_rule(*_ops("matmul", "bmm", "mm"))(reduce.matmul)
-function_rule(*_ops("layer_norm", "rms_norm"), rewrite=norm._rewrite_layer_norm)(norm.functional_layernorm)
-function_rule(*_ops("group_norm"), rewrite=norm._rewrite_group_norm)(norm.functional_groupnorm)
+function_rule(*aten_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))(reduce.softmax)
+function_rule(*aten_ops("matmul", "bmm", "mm"))(reduce.matmul)
+function_rule(*aten_ops("layer_norm", "rms_norm"), rewrite=norm._rewrite_layer_norm)(norm.functional_layernorm)
+function_rule(*aten_ops("group_norm"), rewrite=norm._rewrite_group_norm)(norm.functional_groupnorm)
 
 
-@function_rule(*_ops("batch_norm", "_native_batch_norm_legit_no_training"))
+@function_rule(*aten_ops("batch_norm", "_native_batch_norm_legit_no_training"))
 def aten_batch_norm(ctx: BuildCtx) -> None:
     """(input, weight, bias, running_mean, running_var, ...): per-channel parameters on dim 1."""
     x = ctx.input
@@ -137,7 +128,7 @@ def _slice_bounds(node, size: int) -> tuple[int, int]:
     return slice(start, end).indices(size)[:2]
 
 
-@function_rule(*_ops("slice.Tensor"), rewrite=_rewrite_slice)
+@function_rule(*aten_ops("slice.Tensor"), rewrite=_rewrite_slice)
 def aten_slice(ctx: BuildCtx) -> None:
     x = ctx.input
     nd = ctx.val(x).dim()
@@ -153,6 +144,6 @@ def aten_slice(ctx: BuildCtx) -> None:
         ctx.table.offset(ctx.out(dim), ctx.sp(x, dim), start)
 
 
-@function_rule(*_ops("sym_size.int", "_assert_tensor_metadata"))
+@function_rule(*aten_ops("sym_size.int", "_assert_tensor_metadata"))
 def aten_shape_reader(ctx: BuildCtx) -> None:
     elementwise.shape_reader(ctx)

@@ -20,21 +20,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ..context import BuildCtx
-from ._registry import function_rule, lookup
+from ._registry import aten_ops, function_rule, lookup
 
 __all__ = ["sdpa", "addmm", "higher_order_subgraph"]
 
-aten = torch.ops.aten
 
 
-def _aten(*names: str):
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return out
 
 
 # -- scaled dot-product attention ----------------------------------------------------------------
@@ -74,7 +65,7 @@ def _couple_mask(ctx: BuildCtx, mask, k) -> None:
             ctx.identity(ctx.sp(mask, d), target)
 
 
-@function_rule(F.scaled_dot_product_attention, *_aten("scaled_dot_product_attention"))
+@function_rule(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention"))
 def sdpa(ctx: BuildCtx) -> None:
     """``sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` on ``(..., H, L, E)``.
 
@@ -106,7 +97,7 @@ def sdpa(ctx: BuildCtx) -> None:
 # -- addmm (GPT-2's Conv1D) ------------------------------------------------------------------------
 
 
-@function_rule(torch.addmm, *_aten("addmm"))
+@function_rule(torch.addmm, *aten_ops("addmm"))
 def addmm(ctx: BuildCtx) -> None:
     """``addmm(bias, x, w) = bias + x @ w`` with ``w`` of shape ``(in, out)`` (GPT-2's ``Conv1D``):
     ``x``'s columns go with ``w``'s rows, ``w``'s columns with the output's and the bias's."""
