@@ -258,17 +258,37 @@ def _new_module(cls_name: str, attrs: dict) -> nn.Module:
     return mod
 
 
-def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, set[str]]:
-    """Rebuild the module tree; returns the root and the dotted names of every stored tensor."""
-    by_path: dict[str, nn.Module] = {}
-    tensor_names: set[str] = set()
-    params: dict[str, nn.Parameter] = {}
+def restore_state(mod: nn.Module, entry: dict, tensors: dict, params: dict) -> None:
+    """Give ``mod`` an entry's training flag, parameters (one ``nn.Parameter`` per stored key, shared
+    through ``params``), buffers and tensor attributes; raises :class:`ModelLoadError` for a missing
+    tensor or a forbidden attribute name."""
 
     def tensor(key):
         if key not in tensors:
             raise ModelLoadError(f"checkpoint lacks tensor {key!r}")
         return tensors[key]
 
+    mod.training = bool(entry["training"])
+    for k, spec in entry["params"].items():
+        if spec is not None and spec[0] not in params:
+            t = tensor(spec[0])
+            params[spec[0]] = nn.Parameter(t, requires_grad=bool(spec[1]) and (t.is_floating_point() or t.is_complex()))
+        mod.register_parameter(k, params[spec[0]] if spec is not None else None)
+    for k, (key, persistent) in entry["buffers"].items():
+        mod.register_buffer(k, tensor(key) if key is not None else None, persistent=bool(persistent))
+    for k, key in entry["tensor_attrs"].items():
+        if not isinstance(k, str) or k.startswith("__") or k in _MODULE_INTERNALS:
+            raise ModelLoadError(f"checkpoint sets forbidden attribute {k!r}")
+        mod.__dict__[k] = tensor(key)
+    if isinstance(mod, nn.RNNBase):
+        mod._init_flat_weights()
+
+
+def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, set[str]]:
+    """Rebuild the module tree; returns the root and the dotted names of every stored tensor."""
+    by_path: dict[str, nn.Module] = {}
+    tensor_names: set[str] = set()
+    params: dict[str, nn.Parameter] = {}
     try:
         for e in entries:
             path = e["path"]
@@ -281,20 +301,7 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
             else:
                 mod = nn.Module()
             if "alias" not in e:
-                mod.training = bool(e["training"])
-                for k, spec in e["params"].items():
-                    if spec is not None and spec[0] not in params:
-                        t = tensor(spec[0])
-                        params[spec[0]] = nn.Parameter(t, requires_grad=bool(spec[1]) and (t.is_floating_point() or t.is_complex()))
-                    mod.register_parameter(k, params[spec[0]] if spec is not None else None)
-                for k, (key, persistent) in e["buffers"].items():
-                    mod.register_buffer(k, tensor(key) if key is not None else None, persistent=bool(persistent))
-                for k, key in e["tensor_attrs"].items():
-                    if k.startswith("__") or k in _MODULE_INTERNALS:
-                        raise ModelLoadError(f"checkpoint sets forbidden attribute {k!r}")
-                    mod.__dict__[k] = tensor(key)
-                if hasattr(mod, "_init_flat_weights") and isinstance(mod, nn.RNNBase):
-                    mod._init_flat_weights()
+                restore_state(mod, e, tensors, params)
             if path:
                 parent, _, name = path.rpartition(".")
                 by_path[parent]._modules[name] = mod

@@ -288,12 +288,6 @@ def data_to_tree(data: dict, tensors: dict[str, torch.Tensor], trust: bool = Fal
     resolve = _Resolver(trust)
     by_path: dict[str, nn.Module] = {}
     params: dict[str, nn.Parameter] = {}
-
-    def tensor(key):
-        if key not in tensors:
-            raise ModelLoadError(f"checkpoint lacks tensor {key!r}")
-        return tensors[key]
-
     try:
         for e in data["modules"]:
             path = e["path"]
@@ -306,20 +300,7 @@ def data_to_tree(data: dict, tensors: dict[str, torch.Tensor], trust: bool = Fal
                 mod = _new(e, resolve)
                 if mod is None:
                     return None, resolve.why
-                mod.training = bool(e["training"])
-                for k, spec in e["params"].items():
-                    if spec is not None and spec[0] not in params:
-                        t = tensor(spec[0])
-                        params[spec[0]] = nn.Parameter(t, requires_grad=bool(spec[1]) and (t.is_floating_point() or t.is_complex()))
-                    mod.register_parameter(k, params[spec[0]] if spec is not None else None)
-                for k, (key, persistent) in e["buffers"].items():
-                    mod.register_buffer(k, tensor(key) if key is not None else None, persistent=bool(persistent))
-                for k, key in e["tensor_attrs"].items():
-                    if not isinstance(k, str) or k.startswith("__") or k in _INTERNALS:
-                        raise ModelLoadError(f"checkpoint sets forbidden attribute {k!r}")
-                    mod.__dict__[k] = tensor(key)
-                if isinstance(mod, nn.RNNBase):
-                    mod._init_flat_weights()
+                codec.restore_state(mod, e, tensors, params)
             if path:
                 by_path[parent]._modules[name] = mod
             by_path[path] = mod
