@@ -145,7 +145,8 @@ def score_groups(model, graph, method: str, groups, data, opts: PlanOptions, met
     return scores
 
 
-def _select(groups, scores: dict, ratio: float, opts: PlanOptions, normalize: str, k_global: int | None) -> dict:
+def _select(groups, scores: dict, ratio: float, opts: PlanOptions, normalize: str, k_global: int | None,
+            fit: Callable | None = None) -> dict:
     lr = opts.layer_ratios
     if (opts.policy or "local") in ("global", "uniform") or k_global is not None:
         matched = [g for g in groups if policies.group_ratio(g, -1.0, lr) >= 0]
@@ -157,7 +158,8 @@ def _select(groups, scores: dict, ratio: float, opts: PlanOptions, normalize: st
         removed = policies.local(groups, scores, {g.id: policies.group_ratio(g, ratio, lr) for g in groups})
     if opts.policy == "uniform":
         removed = policies.uniform(groups, scores, removed)
-    return policies.round_kept(groups, scores, removed, opts.round_to)
+    removed = policies.round_kept(groups, scores, removed, opts.round_to)
+    return fit(groups, scores, removed) if fit is not None else removed
 
 
 def build_plan(graph, method: str, ratio: float, policy: str, opts: PlanOptions, method_opts: dict, scores: Scores,
@@ -214,7 +216,12 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
     leaves = leaf_names(model, opts.leaf_modules)
     groups = [g for g in graph.groups if g.prunable and not (opts.skip_cross_channel and g.cross_channel)
               and (not opts.only_layers or _matches(g, opts.only_layers))]
+    hf = _hf_fitter(model, graph)
+    left = {g.id: hf.undescribable[g.id] for g in groups if g.id in hf.undescribable} if hf is not None else {}
+    groups = [g for g in groups if g.id not in left]
     scores = score_groups(model, graph, method, groups, data, opts, method_opts, loss, progress)
+    scores.skipped.update(left)
+    fit = hf.fit if hf is not None else None
     normalize = opts.normalize or m.normalize
     policy = opts.policy or ("global" if opts.target_macs is not None else "local")
     if opts.target_macs is not None and macs_of is None:
@@ -223,16 +230,28 @@ def plan_from_graph(model: nn.Module, graph: DependencyGraph, method: str = "l1"
         scored = [g for g in groups if g.id in scores.scores and g.prunable]
         try:
             if opts.target_macs is None:
-                removed = _select(scored, scores.scores, ratio, opts, normalize, None)
+                removed = _select(scored, scores.scores, ratio, opts, normalize, None, fit)
                 plan = build_plan(graph, method, ratio, policy, opts, method_opts, scores, removed, leaves)
             else:
-                plan = _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of)
+                plan = _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of, fit)
             if verify is not None and plan.groups:
                 verify(plan)
             return plan
         except RewriteError:
             if verify is None or not _leave_whole_what_fails(graph, verify, plan_of=lambda gp: _one_group(graph, gp, method, ratio, policy, opts, method_opts, leaves)):
                 raise
+
+
+def _hf_fitter(model: nn.Module, graph: DependencyGraph):
+    """For a Hugging Face model, the groups its config has no width for and the adjustment that keeps
+    the hidden width describable (:class:`surgery.hf.fit.HFFit`); None for any other model."""
+    from .hf.config import is_hf_model
+
+    if not is_hf_model(model):
+        return None
+    from .hf.fit import fitter
+
+    return fitter(model, graph)
 
 
 def _matches(group, patterns) -> bool:
@@ -261,7 +280,7 @@ def _leave_whole_what_fails(graph: DependencyGraph, verify, plan_of) -> bool:
     return bad > 0
 
 
-def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of) -> Plan:
+def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored, normalize, leaves, macs_of, fit) -> Plan:
     """Bisection for the plan whose MACs are closest to ``target_macs`` x the original's.
 
     Global policy: over the number of channels removed across groups; local: over the uniform ratio
@@ -278,7 +297,7 @@ def _macs_search(graph, method, ratio, policy, opts, method_opts, scores, scored
         if lo > hi:
             break
         mid = (lo + hi) // 2
-        removed = _select(scored, scores.scores, mid / 1000 if not glob else ratio, opts, normalize, mid if glob else None)
+        removed = _select(scored, scores.scores, mid / 1000 if not glob else ratio, opts, normalize, mid if glob else None, fit)
         p = build_plan(graph, method, (mid / 1000) if not glob else ratio, policy, opts, method_opts, scores, removed, leaves)
         frac = macs_of(p) / base
         if best is None or abs(frac - target) < best[0]:

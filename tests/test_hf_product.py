@@ -150,9 +150,10 @@ def test_cli_eval_saved_model_and_errors(tmp_path):
     assert r.exit_code == 1 and "needs a config.json (save_pretrained output)" in r.output
 
 
-def test_bert_heads_with_hidden_kept_run_as_own_class_but_cannot_be_saved(tmp_path):
+def test_bert_heads_with_hidden_kept_run_as_own_class_and_save_pruned_keeps_them(tmp_path):
     """BertConfig ties the head size to hidden_size / heads: two of four heads gone with the hidden
-    size kept runs (attention attributes set from a config of its own widths) but has no stock config."""
+    size kept runs (attention attributes set from a config of its own widths) but has no stock config:
+    save_pretrained refuses, save_pruned / load_pruned round-trip it."""
     from hf_models import tiny_bert
 
     model, x = tiny_bert(), example_inputs("bert")
@@ -167,8 +168,18 @@ def test_bert_heads_with_hidden_kept_run_as_own_class_but_cannot_be_saved(tmp_pa
         assert torch.allclose(out(ids).logits, masked(ids).logits, atol=1e-5)
     reason = "this config ties head_dim to hidden_size / heads (64 / 2 != 16)"
     assert any(reason in w for w in warned)
-    with pytest.raises(NonUniformWidths, match=r"the module runs as it is; prune only widths this config class can describe$"):
+    with pytest.raises(NonUniformWidths, match=r"the module runs as it is: use surgery.hf.save_pruned\(model, path\) "
+                                               r"and surgery.hf.load_pruned\(path\)$"):
         out.save_pretrained(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    surgery.hf.save_pruned(out, tmp_path)
+    again = surgery.hf.load_pruned(tmp_path)
+    attn = again.bert.encoder.layer[1].attention.self
+    assert type(again) is type(out) and (attn.num_attention_heads, attn.attention_head_size, attn.all_head_size) == (2, 16, 32)
+    for batch, seq in ((2, 9), (1, 13)):
+        ids = example_inputs("bert", batch=batch, seq=seq, seed=batch)[0]
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, out(ids).logits)
 
 
 def test_cli_prune_model_directory_with_text_data(tmp_path):

@@ -19,6 +19,7 @@ warning says so, and ``save_pretrained`` raises :class:`NonUniformWidths`
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import types
 import warnings
@@ -63,7 +64,7 @@ def _config_name(config, kind: str) -> str | None:
 
 def head_dim_of(config) -> int:
     """Per-head width of the original config (pruning removes whole heads, never head dims)."""
-    for name in ("head_dim", "d_kv"):
+    for name in ("surgery_head_dim", "head_dim", "d_kv"):
         v = getattr(config, name, None)
         if isinstance(v, int) and v > 0:
             return v
@@ -191,10 +192,11 @@ def _invalid(config) -> str:
 
 
 def _refuse_save(reason: str, per_layer: bool):
+    keep = "use surgery.hf.save_pruned(model, path) and surgery.hf.load_pruned(path)"
     if per_layer:
-        hint = "plan with policy='uniform', or use surgery.hf.save_pruned(model, path) and surgery.hf.load_pruned(path)"
+        hint = f"plan with policy='uniform', or {keep}"
     else:  # one width per kind, but not one this config class can describe
-        hint = "the module runs as it is; prune only widths this config class can describe"
+        hint = f"the module runs as it is: {keep}"
 
     def save_pretrained(self, *args, **kwargs):
         raise NonUniformWidths(f"cannot save_pretrained: {reason}; {hint}")
@@ -233,6 +235,10 @@ def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return _non_expressible(model, config, widths, common, f"{type(model).__name__} rejects these widths ({first})")
         diff = _first_difference(_shapes(model), _shapes(fresh))
+        if not diff and "hidden" in common:  # also on a rebuilt model: its recorded factor
+            scale = _fold_embed_scale(model, _hidden_of(before), common["hidden"])
+            if scale:
+                return _non_expressible(model, config, widths, common, scale)
         if not diff:
             for key, value in cfg.to_dict().items():
                 if key in config.to_dict() and getattr(config, key, None) != value:
@@ -242,6 +248,53 @@ def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
         return _non_expressible(model, config, widths, common, f"the config cannot describe the pruned shapes ({diff})")
     shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in uneven.items())
     return _non_expressible(model, config, widths, common, f"widths differ between layers ({shown})")
+
+
+def _hidden_of(config) -> int | None:
+    name = _config_name(config, "hidden")
+    return int(getattr(config, name)) if name else None
+
+
+def _fold_embed_scale(model: nn.Module, old_hidden: int | None, new_hidden: int) -> str:
+    """Gemma-style token embeddings multiply by ``sqrt(hidden_size)``, a value the class derives from
+    the config, not stored with the weights. When the hidden size shrinks, the pruned model must keep
+    computing with the old factor: folded into an untied table (weight x old / new, factor set to new,
+    so a config with the new hidden size rebuilds it exactly). Returns the reason when the table is
+    tied to the output layer (then the factor is kept as it is and recorded in the config)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    scale = getattr(emb, "embed_scale", None)
+    recorded = getattr(model.config, "surgery_embed_scale", None)
+    if scale is not None and recorded is not None and not math.isclose(float(recorded), float(new_hidden) ** 0.5):
+        return (f"{type(model).__name__} multiplies its token embeddings by {float(recorded):g} (recorded), not "
+                f"sqrt(hidden_size), and ties them to the output layer")  # a model load_pruned rebuilt
+    if scale is None or old_hidden is None or old_hidden == new_hidden:
+        return ""
+    old, new = float(scale), float(new_hidden) ** 0.5
+    if not math.isclose(old, float(old_hidden) ** 0.5, rel_tol=1e-6):
+        return ""  # not derived from the hidden size
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        model.config.surgery_embed_scale = old
+        return (f"{type(model).__name__} multiplies its token embeddings by sqrt(hidden_size) ({old:g}; the pruned "
+                f"hidden size gives {new:g}) and ties them to the output layer, so the factor cannot be folded into the table")
+    with torch.no_grad():
+        emb.weight = nn.Parameter(emb.weight.detach() * (old / new), requires_grad=emb.weight.requires_grad)
+    emb.embed_scale = torch.tensor(new, dtype=scale.dtype) if isinstance(scale, torch.Tensor) else new
+    if hasattr(emb, "scalar_embed_scale"):
+        emb.scalar_embed_scale = new
+    return ""
+
+
+def restore_embed_scale(model: nn.Module) -> None:
+    """Give a model rebuilt from a config that records ``surgery_embed_scale`` that factor back."""
+    old = getattr(model.config, "surgery_embed_scale", None)
+    emb = model.get_input_embeddings() if old is not None else None
+    scale = getattr(emb, "embed_scale", None)
+    if scale is None:
+        return
+    emb.embed_scale = torch.tensor(float(old), dtype=scale.dtype) if isinstance(scale, torch.Tensor) else float(old)
+    if hasattr(emb, "scalar_embed_scale"):
+        emb.scalar_embed_scale = float(old)
 
 
 def _fit_conv1d(model: nn.Module) -> None:
@@ -268,9 +321,12 @@ def _non_expressible(model, config, widths, common, reason: str) -> str:
             _copy_scalars(model, _meta_model(model, inner), prefix=attn, exact=True)
     _fit_conv1d(model)  # the attention module's own projections keep their real widths
     if "hidden" in common:
+        _fold_embed_scale(model, _hidden_of(config), common["hidden"])
+        restore_embed_scale(model)  # tied: the factor the model computed with
         name = _config_name(config, "hidden")
         setattr(config, name, common["hidden"])
     config.surgery_layer_widths = {k: dict(v) for k, v in widths.items()}
+    config.surgery_head_dim = int(common["head_dim"])
     per_layer = reason.startswith("widths differ between layers")
     model.save_pretrained = types.MethodType(_refuse_save(reason, per_layer), model)
     warnings.warn(f"surgery: a stock {type(config).__name__} cannot hold this pruned model: {reason}; "

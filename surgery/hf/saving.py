@@ -1,22 +1,24 @@
-"""Save and load a pruned Hugging Face model whose layers have different widths.
+"""Save and load a pruned Hugging Face model that a stock config cannot describe.
 
-A stock config holds one width per kind, so ``save_pretrained`` refuses such a model
-(:class:`~surgery.hf.config.NonUniformWidths`). :func:`save_pruned` writes the same files
-(``config.json`` with ``surgery_layer_widths``, safetensors weights) and :func:`load_pruned` builds
-the class from the config, gives every block the widths recorded for it (a block of a model built
-with that block's widths, so its attributes are right) and loads the weights strictly. A uniform
-model goes through ``save_pretrained`` / ``from_pretrained`` unchanged.
+Widths that differ between layers, heads pruned with the hidden size kept on a class that ties the
+head size to it (BERT, ViT, GPT-2), a tied Gemma table whose scale the config would change: the
+model runs, but ``save_pretrained`` refuses it (:class:`~surgery.hf.config.NonUniformWidths`).
+:func:`save_pruned` writes the same files (``config.json`` with ``surgery_layer_widths``, safetensors
+weights) and :func:`load_pruned` builds the class from the config, gives every tensor its stored
+shape, sets the modules' derived attributes from those shapes and checks that every weight is there.
+A model a stock config describes goes through ``save_pretrained`` / ``from_pretrained`` unchanged.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .config import _with_widths, head_dim_of
+from .config import sync_config
 
 __all__ = ["save_pruned", "load_pruned"]
 
@@ -27,7 +29,11 @@ def save_pruned(model: nn.Module, path: str) -> None:
 
 
 def load_pruned(path: str, cls=None) -> nn.Module:
-    """Load what :func:`save_pruned` wrote; ``cls`` defaults to the config's first architecture."""
+    """Load what :func:`save_pruned` wrote; ``cls`` defaults to the config's first architecture.
+
+    The class is built from the saved config, every tensor takes the shape stored in the weights
+    (the per-layer widths, a head count the config cannot express), and the modules' derived
+    attributes are then set from those shapes as after pruning (:func:`sync_config`)."""
     import transformers
     from safetensors.torch import load_file
 
@@ -37,24 +43,30 @@ def load_pruned(path: str, cls=None) -> nn.Module:
         cls = getattr(transformers, names[0], None) if names else None
         if cls is None:
             raise SurgeryError(f"{path}: config.json names no transformers architecture; pass cls=")
-    widths = getattr(config, "surgery_layer_widths", None) or {}
-    model = cls(config)
-    common = {"head_dim": head_dim_of(config)}
-    for name, w in widths.items():
-        variant = cls(_with_widths(config, {**common, **w}))
-        parent, _, index = name.rpartition(".")
-        model.get_submodule(parent)[int(index)] = variant.get_submodule(name)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise SurgeryError(f"{path}: no .safetensors weights")
     state = {}
     for f in files:
         state.update(load_file(os.path.join(path, f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise SurgeryError(f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config)
+    expected = set(model.state_dict())
+    tied = {k for k in expected - set(state) if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    missing, unexpected = sorted(expected - set(state) - tied), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise SurgeryError(f"{path}: weights do not match {cls.__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in state.items():
+        owner, _, name = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+        else:
+            module._buffers[name] = tensor
     if tied:
         model.tie_weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sync_config(model)
     return model.eval()
