@@ -51,6 +51,7 @@ class SpaceTable:
         self._edges_a: list[np.ndarray] = []
         self._edges_b: list[np.ndarray] = []
         self._ranges: list[tuple[int, int, int]] = []
+        self._identical: list[tuple[int, int]] = []  # the same couplings as _ranges, as space ids
         self.stops: dict[int, tuple[Reason, str]] = {}
         self.cross: dict[int, str] = {}
         self.touched: set[int] = set()
@@ -134,6 +135,7 @@ class SpaceTable:
             self.fed[a] = self.fed[b] = True
         if a != b:  # stored as a range, expanded in one vectorised step by edges()
             self._ranges.append((sa.offset, sb.offset, sa.size))
+            self._identical.append((a, b))
 
     def offset(self, part: int, whole: int, start: int) -> None:
         """``part[i]`` is ``whole[start + i]`` (cat inputs, split outputs, slices)."""
@@ -182,6 +184,19 @@ class SpaceTable:
     def mark_cross_channel(self, sid: int, detail: str) -> None:
         self.touched.add(sid)
         self.cross.setdefault(sid, detail)
+
+    def identical_spaces(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs of spaces coupled atom for atom (``identity``), as two arrays of space ids."""
+        if not self._identical:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        r = np.array(self._identical, dtype=np.int64)
+        return r[:, 0], r[:, 1]
+
+    def pair_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """The couplings other than whole-space identities, as two arrays of global atom ids."""
+        if not self._edges_a:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(self._edges_a), np.concatenate(self._edges_b)
 
     def edges(self) -> tuple[np.ndarray, np.ndarray]:
         """All couplings as two arrays of global atom ids."""
