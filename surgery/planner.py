@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,11 +20,13 @@ import torch
 from torch import nn
 
 from . import policies
+from ._lazy_weights import LazyWeights
 from .calibration import Calibration
 from .dependency_graph import DependencyGraph, Reason
 from .errors import MethodError, PlanError, RewriteError
 from .methods import ScoreContext, Scores, get_method
 from .methods._registry import unknown_name
+from .methods.context import reading_weights
 from .plan import GroupPlan, Plan, check_ratio, graph_signature, group_fingerprint
 
 __all__ = ["PlanOptions", "split_options", "plan_from_graph", "leaf_names", "score_groups", "build_plan"]
@@ -44,6 +47,10 @@ class PlanOptions:
     submodule: str = ""  # prune only this submodule (its real inputs are captured from the whole model)
     free_outputs: tuple = ()  # patterns of model outputs whose channels may shrink
     only_layers: tuple = ()  # patterns over producing modules: only the groups they match are scored and pruned
+    # safetensors file or directory the weights of a meta-device model are read from, lazily; not
+    # recorded in the plan: it is where the values come from (like data), the plan is the same as
+    # with the weights loaded, and a path is only meaningful on the machine that planned
+    weights: str | os.PathLike | None = None
 
     def check(self) -> "PlanOptions":
         if self.policy is not None and self.policy not in policies.POLICIES:
@@ -65,6 +72,8 @@ class PlanOptions:
             raise PlanError(f"only_layers must be module-name patterns, got {self.only_layers!r}")
         if not isinstance(self.submodule, str):
             raise PlanError(f"submodule must be a qualified module name, got {self.submodule!r}")
+        if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):
+            raise PlanError(f"weights must be the path of a .safetensors file or of a directory of them, got {self.weights!r}")
         c = self.calib_batches
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise PlanError(f"calib_batches must be a positive integer, got {c!r}")
@@ -117,10 +126,18 @@ def score_groups(model, graph, method: str, groups, data, opts: PlanOptions, met
     """Run ``method`` on ``groups`` (calibration data prepared per its needs); scores checked."""
     m = get_method(method)
     calibration = None
-    if (m.needs_data or "weights" in m.needs) and groups and _on_meta(model):
-        raise PlanError(f"method {method!r} reads the model's weights, but they are on the meta device (no data): load "
-                        f"the weights first (e.g. from_pretrained, load_state_dict(..., assign=True)), or plan with a "
-                        f"method that reads none (random)")
+    meta = _on_meta(model)
+    if opts.weights is not None and not meta:
+        raise PlanError("weights= is only for a model on the meta device (this model's parameters hold their values)")
+    if m.needs_data and groups and meta:
+        raise PlanError(f"method {method!r} runs the model on calibration data, which a model on the meta device cannot "
+                        f"do: load the weights first (e.g. from_pretrained, load_state_dict(..., assign=True)), or plan "
+                        f"with weights=CHECKPOINT and a method that only reads weights (l1, l2, group-l1, ...)")
+    if "weights" in m.needs and groups and meta and opts.weights is None:
+        raise PlanError(f"method {method!r} reads the model's weights, but they are on the meta device (no data): pass "
+                        f"weights=CHECKPOINT (a .safetensors file or directory) to read them lazily, load the weights "
+                        f"first (e.g. from_pretrained, load_state_dict(..., assign=True)), or plan with a method that "
+                        f"reads none (random)")
     if m.needs_data:
         if data is None:
             raise PlanError(f"method {method!r} needs calibration data (data=..., CLI --data)")
@@ -132,7 +149,11 @@ def score_groups(model, graph, method: str, groups, data, opts: PlanOptions, met
         if m.needs_labels and loss is None and not calibration.has_labels:
             raise PlanError(f"method {method!r} needs labels with the calibration data ((x, y) pairs) or loss=...")
     ctx = ScoreContext(model, graph, groups, calibration, loss, progress)
-    result = m.fn(ctx, **method_opts) if groups else {}
+    if opts.weights is not None and groups:
+        with LazyWeights(opts.weights, model, graph.root) as source, reading_weights(source):
+            result = m.fn(ctx, **method_opts)
+    else:
+        result = m.fn(ctx, **method_opts) if groups else {}
     scores = result if isinstance(result, Scores) else Scores(dict(result or {}))
     for gid in list(scores.scores):
         s = np.asarray(scores.scores[gid], dtype=np.float64)
@@ -181,7 +202,7 @@ def build_plan(graph, method: str, ratio: float, policy: str, opts: PlanOptions,
         mean = scores.shift.get(g.id)
         shift = tuple((int(c), float(mean[c])) for c in sorted(gone) if mean[c] != 0) if mean is not None else ()
         plans.append(GroupPlan(g.id, g.size, keep, g.label, GroupPlan.sparse(fold) if fold is not None else (), shift))
-    recorded = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    recorded = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "weights"}
     recorded["leaf_modules"] = list(leaves)
     recorded["free_outputs"] = list(opts.free_outputs)
     recorded["only_layers"] = list(opts.only_layers)

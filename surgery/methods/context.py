@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +14,23 @@ from torch import nn
 from ..calibration import Calibration
 from ..dependency_graph import DependencyGraph, Group, Member
 
-__all__ = ["ScoreContext", "Scores", "member_tensor", "member_reduce"]
+__all__ = ["ScoreContext", "Scores", "member_tensor", "member_reduce", "reading_weights"]
+
+#: the lazy weight source (``surgery._lazy_weights.LazyWeights``) of the method being run, if any
+_SOURCE: ContextVar = ContextVar("surgery_lazy_weights", default=None)
+
+
+@contextmanager
+def reading_weights(source) -> Iterator[None]:
+    """While active, :func:`member_tensor` answers a lookup of a meta tensor of ``source``'s model
+    with the value ``source.get(name, meta_tensor)`` reads from the checkpoint. A context variable,
+    not an argument, so every method reading weights through ``member_tensor`` / ``member_reduce`` /
+    ``ScoreContext.tensor`` gets the values without knowing where they come from."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
 
 
 @dataclass
@@ -50,12 +68,19 @@ class ScoreContext:
 
 
 def member_tensor(model: nn.Module, owner: str, name: str) -> torch.Tensor | None:
+    """Tensor ``name`` of submodule ``owner`` of ``model`` (None if absent); a meta tensor is read
+    from the active lazy source (:func:`reading_weights`) when that source maps ``model``'s names."""
     try:
         mod = model.get_submodule(owner) if owner else model
     except AttributeError:
         return None
     t = getattr(mod, name, None)
-    return t if isinstance(t, torch.Tensor) else None
+    if not isinstance(t, torch.Tensor):
+        return None
+    source = _SOURCE.get()
+    if t.is_meta and source is not None and source.covers(model):
+        return source.get(f"{owner}.{name}" if owner else name, t)
+    return t
 
 
 def member_reduce(model: nn.Module, group: Group, reduce: Callable, params_only: bool = True,
