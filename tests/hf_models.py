@@ -2,8 +2,10 @@
 
 Every builder returns a model with a task head (so the hidden size is not a model output), seeded,
 in eval mode, with ``use_cache=False`` (a ``DynamicCache`` output cannot be exported).
-``example_inputs(name)`` gives matching inputs. Importing this module needs ``transformers``: call
-``pytest.importorskip("transformers")`` before importing it from a test.
+``example_inputs(name)`` gives matching inputs. The Mixture-of-Experts builders (``MOE_MODELS``:
+Mixtral, Qwen2-MoE) are kept out of ``HF_MODELS``, which the generic transformer tests iterate.
+Importing this module needs ``transformers``: call ``pytest.importorskip("transformers")`` before
+importing it from a test.
 
     from hf_models import HF_MODELS, example_inputs  # tests/ on sys.path, as for helpers.py
     model = HF_MODELS["llama"]()
@@ -19,12 +21,15 @@ import transformers
 
 __all__ = [
     "HF_MODELS",
+    "MOE_MODELS",
     "VOCAB",
     "example_inputs",
     "tiny_bert",
     "tiny_gemma2",
     "tiny_gpt2",
     "tiny_llama",
+    "tiny_mixtral",
+    "tiny_qwen2_moe",
     "tiny_qwen3",
     "tiny_t5",
     "tiny_vit",
@@ -127,10 +132,42 @@ HF_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
 
 
 def example_inputs(name: str, batch: int = 1, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Positional inputs for ``HF_MODELS[name]``: token ids (batch, seq), or pixels (batch, 3, 32, 32) for ViT."""
-    if name not in HF_MODELS:
-        raise KeyError(f"unknown tiny model {name!r}; known: {sorted(HF_MODELS)}")
+    """Positional inputs for ``HF_MODELS[name]`` or ``MOE_MODELS[name]``: token ids (batch, seq), or pixels
+    (batch, 3, 32, 32) for ViT."""
+    if name not in HF_MODELS and name not in MOE_MODELS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {sorted({**HF_MODELS, **MOE_MODELS})}")
     g = torch.Generator().manual_seed(seed)
     if name == "vit":
         return (torch.randn(batch, 3, 32, 32, generator=g),)
     return (torch.randint(0, VOCAB, (batch, seq), generator=g),)
+
+
+# -- Mixture-of-Experts (kept out of HF_MODELS, which the generic tests iterate) ---------------------
+
+_EXPERTS = 4
+_TOP_K = 2
+_EXPERT_INTERMEDIATE = 32
+
+
+def tiny_mixtral(seed: int = 0, **overrides) -> torch.nn.Module:
+    """MixtralForCausalLM: 4 experts stored fused (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]),
+    top-2 routing, hidden 64, expert intermediate 32, GQA 4/2, 2 layers."""
+    kw = {**_decoder_kwargs(), "intermediate_size": _EXPERT_INTERMEDIATE, "num_local_experts": _EXPERTS,
+          "num_experts_per_tok": _TOP_K, "sliding_window": None}
+    cfg = transformers.MixtralConfig(**{**kw, **overrides})
+    return _build(transformers.MixtralForCausalLM, cfg, seed)
+
+
+def tiny_qwen2_moe(seed: int = 0, **overrides) -> torch.nn.Module:
+    """Qwen2MoeForCausalLM: 4 fused experts (intermediate 32), top-2, plus a sigmoid-gated shared expert
+    (an ordinary MLP, intermediate 64), qkv biases, hidden 64, GQA 4/2, 2 layers."""
+    kw = {**_decoder_kwargs(), "moe_intermediate_size": _EXPERT_INTERMEDIATE, "shared_expert_intermediate_size": _HIDDEN,
+          "num_experts": _EXPERTS, "num_experts_per_tok": _TOP_K, "norm_topk_prob": True}
+    cfg = transformers.Qwen2MoeConfig(**{**kw, **overrides})
+    return _build(transformers.Qwen2MoeForCausalLM, cfg, seed)
+
+
+MOE_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
+}

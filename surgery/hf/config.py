@@ -4,7 +4,9 @@ Widths are read from the pruned tensors, per transformer block: query heads (que
 head dim; GPT-2's fused ``c_attn`` / 3), key/value heads, MLP neurons; the hidden size from the input
 embedding. When every block agrees, they are written under the config's own names (``hidden_size`` /
 ``n_embd`` / ``d_model``, ``intermediate_size`` / ``n_inner`` / ``d_ff``, ``num_attention_heads`` /
-``n_head`` / ``num_heads``, ``num_key_value_heads``, ``head_dim`` / ``d_kv`` written explicitly), a
+``n_head`` / ``num_heads``, ``num_key_value_heads``, ``head_dim`` / ``d_kv`` written explicitly; a
+Mixture-of-Experts block's fused experts ``moe_intermediate_size`` / ``intermediate_size`` and its shared
+expert ``shared_expert_intermediate_size``), a
 model of the same class is built from that config on the meta device, and its state-dict shapes must
 equal the pruned model's: then ``from_pretrained`` rebuilds exactly this model. The scalar attributes
 its ``__init__`` derived from the config (``num_key_value_groups``, ``scaling``, GPT-2's
@@ -38,6 +40,10 @@ CONFIG_NAMES = {
     "heads": ("num_attention_heads", "n_head", "num_heads"),
     "kv_heads": ("num_key_value_heads",),
     "head_dim": ("head_dim", "d_kv"),
+    # Mixture-of-Experts: every expert's neurons (Mixtral and OLMoE call them intermediate_size), the
+    # shared expert's (Qwen2-MoE)
+    "experts_intermediate": ("moe_intermediate_size", "intermediate_size"),
+    "shared_intermediate": ("shared_expert_intermediate_size",),
 }
 _Q = ("q_proj", "query", "q", "c_attn")
 _K = ("k_proj", "key", "k")
@@ -78,11 +84,30 @@ def _out_width(m: nn.Module) -> int | None:
     return int(w.shape[1]) if type(m).__name__ == "Conv1D" else int(w.shape[0])  # Conv1D stores (in, out)
 
 
-def _find(block: nn.Module, names) -> tuple[str, nn.Module] | None:
+def _find(block: nn.Module, names, shared: bool = False) -> tuple[str, nn.Module] | None:
+    """The first module of ``block`` named by ``names`` with a 2-D weight; one inside a shared expert
+    (Qwen2-MoE's ``mlp.shared_expert``) only when ``shared``: its width has a config name of its own."""
     for qual, m in block.named_modules():
+        if ("shared_expert" in qual.split(".")) != shared:
+            continue
         if any(qual == n or qual.endswith("." + n) for n in names) and _out_width(m) is not None:
             return qual, m
     return None
+
+
+def moe_widths(block: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """``{kind: (tensor, dim)}`` for the MoE widths of ``block``: the fused experts' neurons (the
+    ``I`` of a 3-D ``down_proj`` [E, H, I], [E, I, H] when ``is_transposed``) and a shared expert's."""
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for _, m in block.named_modules():
+        down = m.__dict__.get("_parameters", {}).get("down_proj")
+        if isinstance(down, torch.Tensor) and down.dim() == 3:
+            out["experts_intermediate"] = (down, 1 if getattr(m, "is_transposed", False) else 2)
+            break
+    shared = _find(block, _MLP_IN, shared=True)
+    if shared is not None:
+        out["shared_intermediate"] = (shared[1].weight, 0)
+    return out
 
 
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,7 +122,7 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def layer_widths(model: nn.Module, config=None) -> dict[str, dict[str, int]]:
-    """``{block name: {"heads", "kv_heads", "intermediate": width}}`` read from the tensors."""
+    """``{block name: {"heads", "kv_heads", "intermediate", MoE kinds: width}}`` read from the tensors."""
     config = config if config is not None else model.config
     hd = head_dim_of(config)
     out = {}
@@ -113,6 +138,8 @@ def layer_widths(model: nn.Module, config=None) -> dict[str, dict[str, int]]:
         mlp = _find(block, _MLP_IN)
         if mlp is not None:
             w["intermediate"] = _out_width(mlp[1])
+        for kind, (tensor, dim) in moe_widths(block).items():
+            w[kind] = int(tensor.shape[dim])
         out[name] = w
     return out
 

@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from .config import (_K, _MLP_IN, _Q, _config_name, _find, _invalid, _meta_model, _out_width, _shapes, _with_widths, blocks,
-                     head_dim_of)
+                     head_dim_of, moe_widths)
 
 __all__ = ["HFFit", "fitter"]
 
@@ -116,6 +116,10 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
             if kind == "heads" and head_dim:
                 n_heads = _out_width(module) // (3 if found[0].endswith("c_attn") else 1) // head_dim
                 heads[gid] = max(1, n_heads // graph.groups[gid].size)
+        for kind, (tensor, dim) in moe_widths(block).items():  # experts' neurons, a shared expert's
+            gid = _group_of(graph, _names(model, tensor, dim))
+            if gid is not None and _config_name(config, kind) is not None:
+                known.add(gid)
     if not known:
         return None
     followers = _hidden_followers(model, graph, hidden_gid, known, heads, head_dim, tied)

@@ -31,7 +31,9 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["OpRule", "module_rule", "function_rule", "method_rule", "lookup", "module_rule_for", "is_leaf", "aten_ops"]
+__all__ = [
+    "OpRule", "module_rule", "function_rule", "method_rule", "named_op_rule", "lookup", "module_rule_for", "is_leaf", "aten_ops",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class OpRule:
 _MODULES: dict[type, OpRule] = {}
 _FUNCTIONS: dict[object, OpRule] = {}
 _METHODS: dict[str, OpRule] = {}
+_NAMED_OPS: dict[str, OpRule] = {}
 
 
 def _register(table: dict, keys, rule: OpRule) -> None:
@@ -91,6 +94,18 @@ def method_rule(*names: str, rewrite=None):
     return deco
 
 
+def named_op_rule(*names: str, rewrite=None):
+    """Register ``couple`` for custom operators by qualified name (``"transformers::grouped_mm_fallback"``,
+    an overload's ``OpOverload.name()``): such an op exists only once its library is imported, and
+    surgery imports no model library itself, so the rule cannot be keyed by the op object."""
+
+    def deco(couple):
+        _register(_NAMED_OPS, names, OpRule(couple.__name__, couple, rewrite))
+        return couple
+
+    return deco
+
+
 def _forward_owner(mro: tuple[type, ...]) -> type | None:
     return next((c for c in mro if "forward" in c.__dict__), None)
 
@@ -126,9 +141,12 @@ def lookup(node: torch.fx.Node, module: nn.Module | None = None) -> OpRule | Non
         return None if parametrize.is_parametrized(module) else module_rule_for(module)
     if node.op == "call_function":
         try:
-            return _FUNCTIONS.get(node.target)
+            rule = _FUNCTIONS.get(node.target)
         except TypeError:  # unhashable target
             return None
+        if rule is None and isinstance(node.target, torch._ops.OpOverload):
+            rule = _NAMED_OPS.get(node.target.name())
+        return rule
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
