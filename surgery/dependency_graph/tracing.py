@@ -268,6 +268,16 @@ class _ShapeRunner(torch.fx.Interpreter):
         return torch.func.functional_call(module, state, tuple(args), dict(kwargs), strict=False, tie_weights=False)
 
     def call_function(self, target, args, kwargs):
+        if self.meta and target is _WRAP_GRAD and len(args) >= 2 and isinstance(args[1], torch.fx.GraphModule):
+            # an export sub-graph (rotary tables) holds device constants of the trace (``_to_copy(device=cpu)``):
+            # run it with this interpreter, on meta too, instead of calling it
+            with torch.set_grad_enabled(bool(args[0])):
+                return _ShapeRunner(args[1], args[1].graph, meta=True).run(*args[2:])
+        if self.meta:  # device constants of the trace (factories, moves, metadata asserts): stay on meta
+            if target is torch.ops.aten.to.device:
+                args = (args[0], torch.device("meta"), *args[2:])
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": torch.device("meta")}
         value = fast_function_value(target, args, kwargs) if self.meta else None
         return value if value is not None else super().call_function(target, args, kwargs)
 
@@ -278,6 +288,9 @@ class _ShapeRunner(torch.fx.Interpreter):
             raise TraceError(f"shape propagation failed at node {n.format_node()}: {exc}".splitlines()[0]) from exc
         n.meta["val"] = _detach(value)
         return value
+
+
+_WRAP_GRAD = getattr(getattr(torch.ops, "higher_order", None), "wrap_with_set_grad_enabled", None)
 
 
 def _mutable(value):
