@@ -58,6 +58,8 @@ _TORCH_DENY = {"from_file", "load", "save"}
 _METHOD_DENY = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "backward"}
 _CONTAINER_METHODS = {"keys", "values", "items", "get", "index", "count"}
 _OP_NAMESPACES = {"aten", "torchvision"}
+#: Higher-order ops of ``torch.export`` graphs whose only callable argument is a stored sub-graph
+_HIGHER_ORDER = {"wrap_with_set_grad_enabled"}
 #: Private aten ops that ``torch.export`` graphs hold; other names starting with ``_`` stay refused.
 _PRIVATE_ATEN = {
     "_assert_scalar", "_assert_async", "_assert_tensor_metadata", "_to_copy", "_unsafe_view", "_softmax",
@@ -145,6 +147,8 @@ def _function_allowed(name: str):
         return getattr(torch._C._nn, attr, None) if public else None
     if modname == "torch.Tensor":
         return getattr(torch.Tensor, attr, None) if _method_ok(attr) else None
+    if modname == "torch.ops.higher_order":  # runs a stored sub-graph (checked like the graph) under no_grad
+        return getattr(torch.ops.higher_order, attr) if attr in _HIGHER_ORDER else None
     if modname.startswith("torch.ops."):
         return _resolve_op(name)
     if modname.startswith(("torchvision.ops", "torchvision.models")):

@@ -14,7 +14,9 @@ The data has two parts:
     One entry per submodule, in ``named_modules`` order: ``{"path", "class", "training", "attrs",
     "params": {name: tensor key | None}, "buffers": {name: [tensor key | None, persistent]},
     "tensor_attrs": {name: tensor key}}``, or ``{"path", "alias": other path}`` for a shared module.
-    The root (``path == ""``) has no class: it becomes the ``GraphModule``.
+    The root (``path == ""``) has no class: it becomes the ``GraphModule``. A sub-graph (``torch.export``'s
+    ``wrap_with_set_grad_enabled`` body, read by ``get_attr``) is an entry with class
+    ``torch.fx.graph_module.GraphModule`` and a ``"graph"`` of its own, checked and rebuilt the same way.
 
 Modules are rebuilt with ``cls.__new__(cls)`` + ``nn.Module.__init__`` + attributes: no constructor
 and no user code runs.
@@ -176,8 +178,8 @@ def _check_node(op: str, target, args, tensor_targets: set[str], module_paths: s
         return allow.check_method(target)
     if op == "call_module" and target not in module_paths:
         raise ModelLoadError(f"checkpoint graph calls unknown module {target!r}")
-    if op == "get_attr" and target not in tensor_targets:
-        raise ModelLoadError(f"checkpoint graph reads {target!r}, which is not a stored tensor")
+    if op == "get_attr" and target not in tensor_targets and target not in module_paths:
+        raise ModelLoadError(f"checkpoint graph reads {target!r}, which is not a stored tensor or sub-graph")
     if op not in ("placeholder", "output", "call_module", "get_attr"):
         raise ModelLoadError(f"checkpoint graph has a node of unknown kind {op!r}")
     if not isinstance(target, str):
@@ -216,7 +218,12 @@ def modules_to_data(root: nn.Module, key_of: Callable[[torch.Tensor, str], str])
         seen[id(mod)] = path
         prefix = f"{path}." if path else ""
         entry: dict = {"path": path, "training": mod.training, "attrs": {}, "tensor_attrs": {}}
-        if path:
+        if path and isinstance(mod, torch.fx.GraphModule):  # an export sub-graph: its nodes, not its attributes
+            entry["class"], entry["graph"] = _SUBGRAPH, graph_to_data(mod)
+            for k, v in vars(mod).items():
+                if isinstance(v, torch.Tensor) and k not in _MODULE_INTERNALS:
+                    entry["tensor_attrs"][k] = key_of(v, prefix + k)
+        elif path:
             if not allow.module_class_allowed(type(mod)):
                 raise SurgeryError(
                     f"cannot store module {path!r} of class {allow.qualified_name(type(mod))} in a dense checkpoint: "
@@ -243,6 +250,9 @@ def modules_to_data(root: nn.Module, key_of: Callable[[torch.Tensor, str], str])
         }
         out.append(entry)
     return out
+
+
+_SUBGRAPH = "torch.fx.graph_module.GraphModule"
 
 
 def _new_module(cls_name: str, attrs: dict) -> nn.Module:
@@ -289,6 +299,7 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
     by_path: dict[str, nn.Module] = {}
     tensor_names: set[str] = set()
     params: dict[str, nn.Parameter] = {}
+    graphs: list[tuple[str, dict]] = []
     try:
         for e in entries:
             path = e["path"]
@@ -296,6 +307,9 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
                 raise ModelLoadError(f"checkpoint module tree is malformed at {path!r}")
             if "alias" in e:
                 mod = by_path[e["alias"]]
+            elif path and e.get("class") == _SUBGRAPH:
+                mod = nn.Module()  # becomes a GraphModule once its own submodules exist (below)
+                graphs.append((path, e.get("graph")))
             elif path:
                 mod = _new_module(e["class"], e["attrs"])
             else:
@@ -310,6 +324,16 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
         raise ModelLoadError(f"checkpoint module tree is malformed: {type(exc).__name__}: {exc}") from None
     if "" not in by_path:
         raise ModelLoadError("checkpoint has no root module")
+    for path, data in sorted(graphs, key=lambda pg: -pg[0].count(".")):  # innermost first
+        if path not in by_path or not isinstance(data, dict):
+            raise ModelLoadError(f"checkpoint sub-graph {path!r} is malformed")
+        holder = by_path[path]
+        names = {k for k, v in (*holder._parameters.items(), *holder._buffers.items(), *vars(holder).items())
+                 if isinstance(v, torch.Tensor)}
+        subs = {p for p, _ in holder.named_modules(remove_duplicate=False) if p}
+        sub = torch.fx.GraphModule(holder, data_to_graph(data, names, subs))
+        parent, _, name = path.rpartition(".")
+        by_path[parent]._modules[name] = by_path[path] = sub
     root = by_path[""]
     for path, mod in root.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""

@@ -103,9 +103,14 @@ def encode_attr(v):
         raise _NotStorable(f"a {type(v).__module__}.{type(v).__qualname__}") from None
 
 
+_HF_CONFIGS = {("transformers.configuration_utils", "PreTrainedConfig"),
+               ("transformers.generation.configuration_utils", "GenerationConfig")}
+
+
 def _is_hf_config(cls: type) -> bool:
-    """A ``transformers`` model configuration class (checked by name: transformers is not imported)."""
-    return any(b.__module__ == "transformers.configuration_utils" and b.__name__ == "PreTrainedConfig" for b in cls.__mro__)
+    """A ``transformers`` model or generation configuration class (checked by name: transformers is
+    not imported)."""
+    return any((b.__module__, b.__name__) in _HF_CONFIGS for b in cls.__mro__)
 
 
 class _Resolver:

@@ -124,3 +124,23 @@ def test_tied_gemma_embedding_factor_refuses_save_pretrained_and_save_pruned_kee
     ids = example_inputs("gemma2", batch=2, seq=9, seed=4)[0]
     with torch.no_grad():
         assert torch.equal(again(ids).logits, out(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_surgery_save_stores_the_export_sub_graphs(name, tmp_path):
+    """Rotary tables are a ``wrap_with_set_grad_enabled`` sub-graph in the exported graph that the
+    checkpoint keeps beside the class tree: both come back and compute the pruned model's logits."""
+    model, x = _build(name), example_inputs(name)
+    res, _ = _prune(model, x)
+    path = tmp_path / "p.pt"
+    surgery.save(res.model, path)
+    own, graph = surgery.load(path), surgery.load(path, output="graph")
+    assert type(own) is type(model) and isinstance(graph, torch.fx.GraphModule)
+    assert any(isinstance(m, torch.fx.GraphModule) for _, m in graph.named_children())  # the sub-graph
+    ids = example_inputs(name, batch=2, seq=8, seed=3)
+    with torch.no_grad():
+        want = res.model(*ids).logits
+        assert torch.equal(own(*ids).logits, want)
+        assert torch.allclose(_first(graph(*example_inputs(name))), res.model(*example_inputs(name)).logits, atol=1e-6)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(own.generate(ids[0], **kw), res.model.generate(ids[0], **kw))  # its generation config came back
