@@ -41,6 +41,16 @@ class _Components:
     comp_unit: np.ndarray  # component -> index inside its group or -1
 
 
+@dataclass
+class _Classes:
+    """Spaces coupled atom for atom, merged (``DependencyGraph._components``)."""
+
+    rep: np.ndarray  # space -> its class's first space
+    reps: np.ndarray  # the first spaces, ascending: their atoms are the representative atoms, in order
+    labels: np.ndarray  # representative atom -> component
+    original: np.ndarray  # representative atom -> its global atom id in its first space
+
+
 class DependencyGraph:
     """Channel spaces of a traced model, their couplings, and the resulting groups."""
 
@@ -62,10 +72,9 @@ class DependencyGraph:
     # -- construction -----------------------------------------------------------------------
     def _solve(self) -> None:
         t = self.table
-        n = t.n_atoms
-        ncomp, atom_comp = self._components()
+        ns = len(t.spaces)
+        ncomp, atom_comp, rc = self._components()
         sizes = np.array([s.size for s in t.spaces], dtype=np.int64)
-        atom_space = np.repeat(np.arange(len(t.spaces)), sizes)
 
         stop_space = np.full(ncomp, -1, dtype=np.int64)
         for sid in sorted(t.stops):
@@ -76,25 +85,34 @@ class DependencyGraph:
         for sid in sorted(t.cross):
             cross_space[atom_comp[self.table.atoms(sid)]] = sid
 
-        is_param = np.zeros(len(t.spaces), dtype=bool)
+        # Work on representative atoms (one per class of identical spaces, see _components): a
+        # component touches every space of a class or none, so (component, class) pairs stand for
+        # (component, space) pairs; a class is named by its first (smallest) space id.
+        is_param = np.zeros(ns, dtype=bool)
         is_param[[s.id for s in t.spaces if s.kind == "param"]] = True
+        class_param = np.zeros(ns, dtype=bool)
+        np.logical_or.at(class_param, rc.rep, is_param)
+        rng = np.random.default_rng(0)
+        space_hash = rng.integers(1, 2**62, size=ns, dtype=np.int64)
+        class_hash = np.zeros(ns, dtype=np.int64)
+        np.bitwise_xor.at(class_hash, rc.rep, space_hash)
+        rep_atom_class = np.repeat(rc.reps, sizes[rc.reps])  # class of every representative atom
         comp_has_param = np.zeros(ncomp, dtype=bool)
-        comp_has_param[atom_comp[is_param[atom_space]]] = True
+        comp_has_param[rc.labels[class_param[rep_atom_class]]] = True
 
         # Signature of a component = the set of spaces it touches; components with the same
         # signature form one group (one "layer's channels").
-        cand = comp_has_param[atom_comp]
-        keys = _unique_sorted(atom_comp[cand] * len(t.spaces) + atom_space[cand])
-        kc, ks = keys // len(t.spaces), keys % len(t.spaces)
-        rng = np.random.default_rng(0)
-        space_hash = rng.integers(1, 2**62, size=len(t.spaces), dtype=np.int64)
+        cand = comp_has_param[rc.labels]
+        keys = _unique_sorted(rc.labels[cand] * ns + rep_atom_class[cand])
+        kc, ks = keys // ns, keys % ns
         starts = np.flatnonzero(np.r_[True, kc[1:] != kc[:-1]]) if kc.size else np.zeros(0, np.int64)
         comps = kc[starts]
-        sig = np.bitwise_xor.reduceat(space_hash[ks], starts) if keys.size else np.zeros(0, np.int64)
+        sig = np.bitwise_xor.reduceat(class_hash[ks], starts) if keys.size else np.zeros(0, np.int64)
         first_space = ks[starts]  # smallest space id of each component
-        # first atom of each component orders units inside a group
-        first_atom = np.full(ncomp, n, dtype=np.int64)
-        np.minimum.at(first_atom, atom_comp, np.arange(n))
+        # first atom of each component orders units inside a group (a class's first space holds the
+        # smallest atom ids of the class)
+        first_atom = np.full(ncomp, t.n_atoms, dtype=np.int64)
+        np.minimum.at(first_atom, rc.labels, rc.original)
 
         uniq_sig, sig_idx = np.unique(sig, return_inverse=True)
         order = np.lexsort((first_atom[comps], first_space, sig_idx))
@@ -116,12 +134,16 @@ class DependencyGraph:
         comp_unit[ordered] = pos
         self._comp = _Components(atom_comp, comp_group, comp_unit)
 
-        # group -> spaces
+        # group -> spaces (every space of each class the group's components touch)
+        members: dict[int, list[int]] = {}
+        for sid, r in enumerate(rc.rep.tolist()):
+            members.setdefault(r, []).append(sid)
         group_spaces: list[list[int]] = [[] for _ in range(uniq_sig.size)]
-        pair_groups = comp_group[kc]
-        gs = _unique_sorted(pair_groups * len(t.spaces) + ks)
-        for g, s in zip((gs // len(t.spaces)).tolist(), (gs % len(t.spaces)).tolist()):
-            group_spaces[g].append(s)
+        gs = _unique_sorted(comp_group[kc] * ns + ks)
+        for g, r in zip((gs // ns).tolist(), (gs % ns).tolist()):
+            group_spaces[g].extend(members[r])
+        for spaces in group_spaces:
+            spaces.sort()
         self.groups: list[Group] = []
         counts = np.bincount(comp_group[comp_group >= 0], minlength=uniq_sig.size)
         any_comp = np.full(uniq_sig.size, -1)
@@ -184,7 +206,7 @@ class DependencyGraph:
         tensors = [t.spaces[s].node for s in group.spaces if t.spaces[s].kind == "tensor"]
         return bool(tensors) and all(n in self._nodes and self._nodes[n].op == "get_attr" for n in tensors)
 
-    def _components(self) -> tuple[int, np.ndarray]:
+    def _components(self) -> tuple[int, np.ndarray, _Classes]:
         """Connected components of the atom couplings, honouring size constraints.
 
         Spaces coupled atom for atom (elementwise ops, residual adds, tied names: most couplings of a
@@ -224,7 +246,10 @@ class DependencyGraph:
                 if not np.array_equal(np.sort(ca), np.sort(cb)):
                     unmet.append((ca_space, cb_space))
             if not unmet:
-                return ncomp, comp
+                reps = np.flatnonzero(is_rep)
+                original = np.repeat(offsets[reps], sizes[reps]) + (np.arange(m, dtype=np.int64) -
+                                                                   np.repeat(new_offset[reps], sizes[reps]))
+                return ncomp, comp, _Classes(rep, reps, labels.astype(np.int64), original)
             for ca_space, cb_space in unmet:
                 extra_a.append(atom_map[self.table.atoms(ca_space)])
                 extra_b.append(atom_map[self.table.atoms(cb_space)])
