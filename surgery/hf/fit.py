@@ -1,5 +1,8 @@
 """Keep a plan for a Hugging Face model within what its config class can describe.
 
+Fused Mixture-of-Experts weights go through a grouped matmul that reads rows of 16-byte multiples:
+the experts' neuron count and the hidden size are kept at multiples of 4 (float32) / 8 (16-bit).
+
 Only widths a config names are pruned: hidden size, attention heads, KV heads, MLP neurons. Any
 other prunable group (BERT's pooler, a custom head's layers) is left whole with that reason, so the
 result stays a model ``from_pretrained`` can rebuild.
@@ -19,6 +22,7 @@ a stock config cannot hold it, and :func:`~surgery.hf.save_pruned` keeps it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,6 +98,14 @@ def _hidden_followers(model, graph, hidden_gid, known, heads, head_dim, tied) ->
             if all((m.name, m.dim) in shrunk for m in g.members if m.name in params)}
 
 
+def _nearest(kept: int, size: int, step: int) -> int:
+    """The multiple of ``step`` nearest ``kept`` (at least ``step``, at most ``size``; ``size`` itself
+    when no multiple fits)."""
+    if step <= 1 or kept % step == 0:
+        return kept
+    return min(size - size % step, max(step, int(np.floor(kept / step + 0.5)) * step)) if size >= step else size
+
+
 def fitter(model: nn.Module, graph) -> HFFit | None:
     """The :class:`HFFit` for ``model`` (an HF model traced as ``graph``), or None when no group of it
     is a hidden, head or MLP width of a transformer block (then the config is not involved)."""
@@ -102,6 +114,8 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
     head_dim = head_dim_of(config) if _config_name(config, "heads") else 0
     tied = _config_name(config, "head_dim") is None
     heads: dict[int, int] = {}  # head group id -> query heads per channel of the group
+    aligned: set[int] = set()  # fused experts' neuron groups: kept widths a multiple of ``align``
+    align = 1
     known: set[int] = {hidden_gid} if hidden_gid is not None and _config_name(config, "hidden") else set()
     for name, block in blocks(model):
         for names, kind in ((_Q, "heads"), (_K, "kv_heads"), (_MLP_IN, "intermediate")):
@@ -120,6 +134,9 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
             gid = _group_of(graph, _names(model, tensor, dim))
             if gid is not None and _config_name(config, kind) is not None:
                 known.add(gid)
+                if kind == "experts_intermediate":  # the grouped-mm kernel reads rows of 16-byte multiples
+                    aligned.add(gid)
+                    align = max(align, 16 // tensor.element_size())
     if not known:
         return None
     followers = _hidden_followers(model, graph, hidden_gid, known, heads, head_dim, tied)
@@ -132,7 +149,7 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
         size = graph.groups[hidden_gid].size
         keep = size - len(removed.get(hidden_gid, ()))
         if keep == size or not heads:
-            return keep
+            return _nearest(keep, size, align)
         kept_heads = {(graph.groups[gid].size - len(removed.get(gid, ())) if gid in chosen else graph.groups[gid].size) * per
                       for gid, per in heads.items()}
         if len(kept_heads) != 1:
@@ -140,23 +157,29 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
         h = kept_heads.pop()
         if tied:
             return h * head_dim
-        if _invalid(_with_widths(config, {"hidden": keep, "heads": h})):
-            want = min(size - size % h, max(h, int(np.floor(keep / h + 0.5)) * h))
-            return want if not _invalid(_with_widths(config, {"hidden": want, "heads": h})) else None
-        return keep
+        step = math.lcm(h if _invalid(_with_widths(config, {"hidden": keep, "heads": h})) else 1, align)
+        want = _nearest(keep, size, step)
+        return want if not _invalid(_with_widths(config, {"hidden": want, "heads": h})) else None
+
+    def lowest(scores, gid: int, kept: int) -> np.ndarray:
+        size = graph.groups[gid].size
+        return np.sort(np.argsort(np.asarray(scores[gid], dtype=np.float64), kind="stable")[: size - kept])
 
     def fit(groups, scores: dict, removed: dict) -> dict:
         chosen = {g.id for g in groups}
-        if hidden_gid not in chosen:
-            return {k: v for k, v in removed.items() if k not in followers}
-        want = hidden_kept(chosen, removed)
-        if want is None or not 0 < want <= graph.groups[hidden_gid].size:
-            return removed
         out = dict(removed)
+        for gid in aligned & chosen:
+            if len(removed.get(gid, ())):
+                size = graph.groups[gid].size
+                out[gid] = lowest(scores, gid, _nearest(size - len(removed[gid]), size, align))
+        if hidden_gid not in chosen:
+            return {k: v for k, v in out.items() if k not in followers}
+        want = hidden_kept(chosen, out)
+        if want is None or not 0 < want <= graph.groups[hidden_gid].size:
+            return out
         for gid in (hidden_gid, *followers):
             if gid in chosen or gid == hidden_gid:
-                size = graph.groups[gid].size
-                out[gid] = np.sort(np.argsort(np.asarray(scores[gid], dtype=np.float64), kind="stable")[: size - want])
+                out[gid] = lowest(scores, gid, want)
         return out
 
     return HFFit(fit, undescribable)
