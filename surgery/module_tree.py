@@ -22,6 +22,7 @@ import copy
 import torch
 from torch import nn
 
+from .compensation import install_module
 from .dependency_graph import DependencyGraph
 from .dependency_graph.context import RewriteCtx
 from .dependency_graph.rules import lookup
@@ -109,10 +110,12 @@ def _shared_memo(model: nn.Module, graph: DependencyGraph, result: nn.Module) ->
 
 
 def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, folded: dict,
-          sliced_copies, result: nn.Module | None = None) -> tuple[nn.Module | None, str]:
+          sliced_copies, result: nn.Module | None = None, biases: dict | None = None) -> tuple[nn.Module | None, str]:
     """``(pruned copy of model, "")`` or ``(None, why not)``; ``sliced_copies(model, per_tensor, folded)``
     is the rewrite's deep-copy memo of the tensors that lose entries; the copy shares its tensors with
-    ``result`` (the pruned ``GraphModule`` of the same plan) where they are the same tensor."""
+    ``result`` (the pruned ``GraphModule`` of the same plan) where they are the same tensor.
+    ``biases`` (``{(owner, "bias"): tensor}``) are the biases a compensation gives linears that had
+    none (:mod:`surgery.compensation`): set on the copy's ``nn.Linear`` modules."""
     tensors = {}
     for owner, name in {**per_tensor, **folded}:
         try:
@@ -126,6 +129,10 @@ def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, f
     memo.update(sliced_copies(model, {k: v for k, v in per_tensor.items() if k in rest},
                               {k: v for k, v in folded.items() if k in rest}))
     out = copy.deepcopy(model, memo)
+    if biases:
+        why = install_module(out, biases)
+        if why:
+            return None, why
     owners = {owner for owner, _ in per_tensor} | {owner for owner, _ in folded}
     if graph.frontend == "fx" and graph.root is model:
         done: set[str] = set()

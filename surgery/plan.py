@@ -39,9 +39,10 @@ class GroupPlan:
     keep: tuple[int, ...]
     label: str = ""
     fold: tuple[tuple[int, int, float], ...] = ()
-    # bias compensation (FLAP): (removed channel, its mean input) pairs; every consumer's bias gains
-    # sum_c mean_c * W[:, c] over them, in both modes (a removed channel then reads as its mean)
-    shift: tuple[tuple[int, float], ...] = ()
+    # bias compensation (FLAP): (removed channel, its mean input: one value, or a tuple with one per input
+    # column it owns, e.g. a head's) pairs; every consumer's bias gains sum_c W[:, cols(c)] @ mean_c over
+    # them, in both modes (a removed channel then reads as its mean; surgery.compensation)
+    shift: tuple[tuple[int, float | tuple[float, ...]], ...] = ()
 
     @property
     def removed(self) -> list[int]:
@@ -136,7 +137,7 @@ class Plan:
             groups = tuple(
                 GroupPlan(int(g["id"]), int(g["size"]), tuple(int(i) for i in g["keep"]), str(g.get("label", "")),
                           tuple((int(r), int(c), float(v)) for r, c, v in g.get("fold", ())),
-                          tuple((int(c), float(v)) for c, v in g.get("shift", ())))
+                          tuple((int(c), tuple(map(float, v)) if isinstance(v, (list, tuple)) else float(v)) for c, v in g.get("shift", ())))
                 for g in d["groups"]
             )
             return cls(
@@ -200,7 +201,7 @@ class Plan:
                 raise PlanError(f"plan group {g.id} keeps an index outside 0..{g.size - 1} or twice")
             if any(not (0 <= r < len(g.keep) and 0 <= c < g.size) or not np.isfinite(v) for r, c, v in g.fold):
                 raise PlanError(f"plan group {g.id} has a fold entry outside its {len(g.keep)} x {g.size} matrix or not finite")
-            if any(c not in g.removed or not np.isfinite(v) for c, v in g.shift):
+            if any(c not in g.removed or not np.isfinite(v).all() for c, v in g.shift):
                 raise PlanError(f"plan group {g.id} shifts a channel it keeps, or by a value that is not finite")
 
 

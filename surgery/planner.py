@@ -200,7 +200,7 @@ def build_plan(graph, method: str, ratio: float, policy: str, opts: PlanOptions,
                 raise PlanError(f"method {method!r} returned a fold of shape {fold.shape} for group {g.id} "
                                 f"(expected {(len(keep), g.size)}, finite)")
         mean = scores.shift.get(g.id)
-        shift = tuple((int(c), float(mean[c])) for c in sorted(gone) if mean[c] != 0) if mean is not None else ()
+        shift = tuple((int(c), mean[c] if isinstance(mean[c], tuple) else float(mean[c])) for c in sorted(gone) if np.any(mean[c])) if mean is not None else ()
         plans.append(GroupPlan(g.id, g.size, keep, g.label, GroupPlan.sparse(fold) if fold is not None else (), shift))
     recorded = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "weights"}
     recorded["leaf_modules"] = list(leaves)

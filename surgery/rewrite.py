@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import module_tree
+from . import compensation, module_tree
 from ._provenance import remember_inputs
 from .dependency_graph import DependencyGraph
 from .dependency_graph import trace as trace_graph
@@ -69,14 +69,17 @@ def _fold_tensor(t: torch.Tensor, member, keep: tuple[int, ...], fold: np.ndarra
     return out.movedim(0, member.dim).contiguous()
 
 
-def _folded(graph: DependencyGraph, plan: Plan) -> dict[tuple[str, str], torch.Tensor]:
-    """``{(owner, name): folded copy}`` for every consumer weight of a group whose plan has a fold."""
+def _folded(graph: DependencyGraph, plan: Plan) -> tuple[dict[tuple[str, str], torch.Tensor], dict]:
+    """``{(owner, name): folded copy}`` for every consumer weight of a group whose plan has a fold
+    (and every existing bias a bias compensation changes), and ``{(owner, "bias"): NewBias}`` for
+    the linears a compensation gives a bias (:mod:`surgery.compensation`)."""
     from .roles import consumers
 
     out: dict[tuple[str, str], torch.Tensor] = {}
+    added: dict = {}
     for gp in plan.groups:
         if gp.shift:
-            _shift_biases(graph, gp, out)
+            compensation.shift_biases(graph, gp, out, added)
         fold = gp.fold_matrix()
         if fold is None:
             continue
@@ -88,31 +91,7 @@ def _folded(graph: DependencyGraph, plan: Plan) -> dict[tuple[str, str], torch.T
             done.add(key)
             base = out.get(key, getattr(_owner(graph.root, site.owner), site.weight))
             out[key] = _fold_tensor(base, member, gp.keep, fold)
-    return out
-
-
-def _shift_biases(graph: DependencyGraph, gp, out: dict) -> None:
-    """Bias compensation: every linear consumer's bias gains ``sum_c mean_c * W[:, c]`` over the
-    removed channels ``c`` of ``gp.shift`` (added to ``out`` like a fold, so both modes apply it)."""
-    from .roles import consumers
-
-    done = set()
-    for site, member in consumers(graph, graph.groups[gp.id]):
-        if (site.owner, site.weight) in done:
-            continue
-        done.add((site.owner, site.weight))
-        if site.kind != "linear" or site.bias is None:
-            raise RewriteError(f"cannot compensate group {gp.id} into {site.owner or 'the model'}: "
-                               f"only a linear consumer with a bias can take the removed channels' means")
-        lists = member.index_map()
-        w = getattr(_owner(graph.root, site.owner), site.weight).detach().double()
-        key = (site.owner, site.bias)
-        base = out.get(key, getattr(_owner(graph.root, site.owner), site.bias)).detach()
-        delta = torch.zeros(w.shape[0], dtype=torch.float64)
-        for c, mean in gp.shift:
-            if c < len(lists) and lists[c]:
-                delta += mean * w[:, lists[c]].sum(1)
-        out[key] = (base.double() + delta).to(base.dtype)
+    return out, added
 
 
 def _sliced_copies(gm: nn.Module, per_tensor, folded) -> dict[int, torch.Tensor]:
@@ -179,13 +158,20 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: np
             raise RewriteError(f"cannot rewrite {old.format_node()}: {exc}".splitlines()[0]) from exc
 
 
-def _graph_result(graph: DependencyGraph, plan: Plan, mode: str, removed, per_tensor, folded) -> torch.fx.GraphModule:
+def _graph_result(graph: DependencyGraph, plan: Plan, mode: str, removed, per_tensor, folded,
+                  added: dict | None = None, biases: dict | None = None) -> torch.fx.GraphModule:
     if mode == "mask":
         gm = copy.deepcopy(graph.gm)
         _zero_removed(gm, per_tensor, folded)
+        if added:
+            compensation.install_graph(gm, added, biases)
+            gm.graph.lint()
+            gm.recompile()
     else:
         gm = copy.deepcopy(graph.gm, _sliced_copies(graph.root, per_tensor, folded))
         _rewrite_nodes(gm, graph, removed, {owner for owner, _ in per_tensor})
+        if added:
+            compensation.install_graph(gm, added, biases)
         gm.graph.lint()
         gm.recompile()
         try:
@@ -213,25 +199,31 @@ def apply_to_graph(graph: DependencyGraph, plan: Plan, mode: str = "prune", outp
     plan.check_fits(graph)
     removed = graph.removed_components(plan.removed_units())
     per_tensor = _kept_dims(graph, removed)
-    folded = _folded(graph, plan)
+    folded, added = _folded(graph, plan)
     if mode == "mask":  # slices a rule exempts from zeroing (a weight norm's v) stay as they are
         exempt = graph.table.mask_exempt
         per_tensor = {k: [(d, kept) for d, kept in dims if (*k, d) not in exempt] for k, dims in per_tensor.items()}
+    biases = compensation.bias_values(added, per_tensor, mode)
     if model is None and graph.frontend == "fx":
         model = graph.root
+    why = "the model the graph was traced from is not available"
     if output != "graph" and model is not None and mode == "mask":
         out = copy.deepcopy(model)
         _zero_removed(out, per_tensor, folded)
-        remember_inputs(out, graph.example_inputs)
-        return out
-    gm = graph_result if graph_result is not None else _graph_result(graph, plan, mode, removed, per_tensor, folded)
+        why = compensation.install_module(out, biases)
+        if not why:
+            remember_inputs(out, graph.example_inputs)
+            return out
+    if graph_result is not None:
+        gm = graph_result
+    else:
+        gm = _graph_result(graph, plan, mode, removed, per_tensor, folded, added, biases)
     if output == "graph":
         return gm
     if isinstance(model, torch.fx.GraphModule) and graph.frontend == "fx":
         return gm  # the model is a graph (imported from Caffe or ONNX): its rewritten graph is its own kind
-    why = "the model the graph was traced from is not available"
-    if model is not None:
-        candidate, why = module_tree.build(model, graph, removed, per_tensor, folded, _sliced_copies, gm)
+    if model is not None and mode == "prune":
+        candidate, why = module_tree.build(model, graph, removed, per_tensor, folded, _sliced_copies, gm, biases)
         if candidate is not None:
             why = module_tree.check(candidate, gm, graph.example_inputs)
             if not why:

@@ -1,7 +1,8 @@
 """Language-model criteria: wanda-structured, flap, llm-taylor, each by its defining property, on a
 tiny token model (embedding -> linear -> ReLU -> linear -> vocabulary) traced by fx: scores equal a
 direct computation, a dead channel goes first, FLAP's bias compensation keeps the output's mean
-over the calibration tokens, and pruned == masked holds with it. Text calibration and the uniform
+over the calibration tokens (also into a consumer without a bias, which is given one), and pruned ==
+masked holds with it. Text calibration and the uniform
 policy are checked here too."""
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ VOCAB, DIM, HID = 40, 8, 12
 class TinyLM(nn.Module):
     """Token ids (batch, seq) -> logits (batch, seq, VOCAB) through one MLP block."""
 
-    def __init__(self):
+    def __init__(self, fc2_bias: bool = True):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(VOCAB, DIM)
         self.fc1 = nn.Linear(DIM, HID)
-        self.fc2 = nn.Linear(HID, DIM)
+        self.fc2 = nn.Linear(HID, DIM, bias=fc2_bias)
         self.head = nn.Linear(DIM, VOCAB, bias=False)
 
     def forward(self, ids):
@@ -110,14 +111,20 @@ def test_dead_channel_goes_first(method):
     assert [g.removed for g in p.groups] == [[5]]
 
 
-def test_flap_bias_compensation_keeps_the_mean_and_pruned_equals_masked():
-    model, data = TinyLM(), _data()
+@pytest.mark.parametrize("fc2_bias", [True, False], ids=["with-bias", "bias-less"])
+def test_flap_bias_compensation_keeps_the_mean_and_pruned_equals_masked(fc2_bias):
+    """A consumer without a bias (Llama's down_proj) is given one holding the compensation, in the
+    module result, the GraphModule result and mask mode; the user's model keeps none."""
+    model, data = TinyLM(fc2_bias), _data()
     x = data[0][0]
     res = run(model, x, "flap", 0.5, data, only_layers=["fc1"])
     (gp,) = res.plan.groups
-    assert len(gp.shift) == len(gp.removed) == HID // 2
+    assert len(gp.shift) == len(gp.removed) == HID // 2 and not res.plan.notes
     masked = surgery.apply(model, res.plan, mode="mask")
+    graph = surgery.apply(model, res.plan, output="graph")
     pruned_fc2 = res.model.fc2
+    assert type(res.model) is TinyLM and pruned_fc2.bias.shape == (DIM,) and masked.fc2.bias.shape == (DIM,)
+    assert (model.fc2.bias is None) is not fc2_bias  # the user's model is untouched
     tokens = torch.cat([model.embed(t) for t, _ in data]).detach()
     with torch.no_grad():
         full = model.fc2(F.relu(model.fc1(tokens))).mean((0, 1))
@@ -125,6 +132,7 @@ def test_flap_bias_compensation_keeps_the_mean_and_pruned_equals_masked():
         small = pruned_fc2(F.relu(model.fc1(tokens))[..., kept]).mean((0, 1))
         assert torch.allclose(small, full, atol=1e-5)
         assert torch.allclose(res.model(x), masked(x), atol=1e-5)
+        assert torch.equal(graph(x), res.model(x)) and torch.equal(graph.fc2.bias, pruned_fc2.bias)
     again = surgery.plan(model, x, method="flap", ratio=0.5, data=data, compensate=False, only_layers=["fc1"])
     assert again.groups[0].shift == () and surgery.Plan.from_json(res.plan.to_json()).groups[0].shift == gp.shift
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from .biases import grant_bias_flags
 
 __all__ = ["NonUniformWidths", "is_hf_model", "layer_widths", "sync_config"]
 
@@ -237,6 +238,7 @@ def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
     runs, ``save_pretrained`` then raises :class:`NonUniformWidths`)."""
     config = model.config
     before = getattr(original, "config", config)
+    grant_bias_flags(model, config)  # a compensation bias on o_proj / down_proj: attention_bias / mlp_bias
     widths = layer_widths(model, before)
     hidden = _hidden_width(model)
     common: dict[str, int] = {"head_dim": head_dim_of(before)}

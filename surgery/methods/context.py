@@ -46,7 +46,7 @@ class Scores:
     scores: dict[int, np.ndarray]
     skipped: dict[int, str] = field(default_factory=dict)
     fold: Callable[[int, np.ndarray], "np.ndarray | None"] | None = None
-    #: bias compensation: ``shift[gid]`` is each channel's mean at its consumers' (linear) input;
+    #: bias compensation: ``shift[gid][c]`` is channel c's mean at its consumers' (linear) input (a tuple: one per column);
     #: the removed channels' means go into the consumers' biases (see ``GroupPlan.shift``)
     shift: dict[int, np.ndarray] = field(default_factory=dict)
 

@@ -9,32 +9,88 @@ damage of doing that::
 
 where ``X^L`` is what consumer ``L`` reads (its input, :mod:`surgery.methods._activations`) and the
 variance is over every calibration token. With ``compensate=True`` (default) the plan carries each
-removed channel's mean (``GroupPlan.shift``) and the rewrite adds ``sum_c mean_c * W[:, c]`` to every
-consumer's bias, in both modes, so pruned == masked still holds and the pruned output's mean over
-the calibration tokens equals the original's (for linear consumers). A group read at more than one
-tensor (a residual stream: a different mean at every reader), or whose consumers are not linears
-with a bias, is scored but not compensated; ``Plan.notes`` says so. FLAP's per-layer
-standardisation of the scores is the global policy's ``normalize="mean"`` here.
+removed channel's mean (``GroupPlan.shift``: one value per input column the channel owns, so an
+attention head carries ``head_dim`` means) and the rewrite adds ``sum_c W[:, cols(c)] @ mean_c`` to
+every consumer's bias, in both modes (:mod:`surgery.compensation`), so pruned == masked still holds
+and the pruned output's mean over the calibration tokens equals the original's. A linear without a
+bias (Llama's ``o_proj`` / ``down_proj``) is given one holding the compensation, as FLAP's code does
+(a Hugging Face config then gets ``attention_bias`` / ``mlp_bias``, :func:`surgery.hf.sync_config`).
+A group read at more than one tensor (a residual stream: a different mean at every reader), or with
+a consumer that is not a linear (a conv: its zero padding does not see the mean), is scored but not
+compensated; ``Plan.notes`` says so. FLAP's per-layer standardisation of the scores is the global
+policy's ``normalize="mean"`` here.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from ..compensation import why_not
 from ..roles import consumers
+from ._activations import Observation, observe, plan_observations
 from ._registry import Option, register_method
 from .context import ScoreContext, Scores
-from .wanda import column_reduce, consumer_moments
+from .wanda import Moments, column_reduce
 
 PAPER = "An, Zhao, Yu, Tang, Wang, Fluctuation-based Adaptive Structured Pruning for Large Language Models (FLAP), AAAI 2024"
 
 
-def _why_not_compensated(ctx: ScoreContext, group, moments: dict) -> str:
-    if len(moments) != 1:
-        return f"read at {len(moments)} different tensors (each has its own mean)"
+class _Entries:
+    """Per entry of one observed tensor (the group's entries along its channel dim): token count,
+    sum and sum of squares (float64)."""
+
+    def __init__(self, obs: Observation):
+        self.obs = obs
+        self.tokens = 0
+        self.total = torch.zeros(len(obs.index), dtype=torch.float64)
+        self.squares = torch.zeros(len(obs.index), dtype=torch.float64)
+
+    def add(self, a: torch.Tensor) -> None:
+        """``a``: (samples, positions, entries), float64."""
+        self.tokens += a.shape[0] * a.shape[1]
+        self.total += a.sum((0, 1)).cpu()
+        self.squares += (a * a).sum((0, 1)).cpu()
+
+    def moments(self) -> Moments:
+        """Per group channel, its entries pooled (the channel's values over every token)."""
+        units = self.obs.units
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(self.obs.size, dtype=torch.float64).index_add_(0, units, t)
+
+        count = torch.bincount(units, minlength=self.obs.size).double() * self.tokens
+        return Moments(count, pool(self.total), pool(self.squares))
+
+    def means(self) -> list:
+        """Per group channel: its mean, one value per entry it owns (ascending entry index, the order
+        of the consumer's weight columns); a float for a channel of one entry."""
+        mean = (self.total / max(self.tokens, 1)).tolist()
+        per: list[list[tuple[int, float]]] = [[] for _ in range(self.obs.size)]
+        for k, (e, u) in enumerate(zip(self.obs.index.tolist(), self.obs.units.tolist())):
+            per[u].append((e, mean[k]))
+        return [float(v[0][1]) if len(v) == 1 else tuple(m for _, m in sorted(v)) for v in per]
+
+
+def _entry_moments(ctx: ScoreContext) -> tuple[dict[int, dict[str, _Entries]], dict[int, str]]:
+    """``{gid: {consumer input node: _Entries}}`` over the calibration data, and the skipped groups."""
+    plan, skipped = plan_observations(ctx)
+    out: dict[int, dict[str, _Entries]] = {gid: {} for gid in plan}
+
+    def visit(gid: int, k: int, o: Observation, a: torch.Tensor, _):
+        out[gid].setdefault(o.node, _Entries(o)).add(a)
+
+    observe(ctx, plan, visit)
+    return out, skipped
+
+
+def _why_not_compensated(ctx: ScoreContext, group, entries: dict) -> str:
+    if len(entries) != 1:
+        return f"read at {len(entries)} different tensors (each has its own mean)"
     for site, _ in consumers(ctx.graph, group):
-        if site.kind != "linear" or site.bias is None:
-            return f"{site.owner or 'a consumer'} is not a linear with a bias"
+        why = why_not(ctx.graph, site)
+        if why:
+            return why
     return ""
 
 
@@ -43,21 +99,22 @@ def _why_not_compensated(ctx: ScoreContext, group, moments: dict) -> str:
                  options=(Option("compensate", bool, True, "add the removed channels' mean contribution to the consumers' biases"),))
 def flap(ctx: ScoreContext, compensate: bool):
     """Score = sum over consumers of Var(X_c) * ||W_{:,c}||^2; bias compensation with the means."""
-    moments, skipped = consumer_moments(ctx)
+    observed, skipped = _entry_moments(ctx)
     scores, shift = {}, {}
     for g in ctx.groups:
-        if g.id not in moments:
+        if g.id not in observed:
             continue
+        moments = {node: e.moments() for node, e in observed[g.id].items()}
         total = np.zeros(g.size, dtype=np.float64)
         for node, col in column_reduce(ctx, g, lambda t, dims: t.square().sum(dims) if dims else t.square()):
-            m = moments[g.id].get(node)
+            m = moments.get(node)
             if m is not None:
                 total += col * m.variance.numpy()
         scores[g.id] = total
         if compensate:
-            why = _why_not_compensated(ctx, g, moments[g.id])
+            why = _why_not_compensated(ctx, g, observed[g.id])
             if why:
                 skipped[g.id] = f"pruned without bias compensation: {why}"
             else:
-                shift[g.id] = next(iter(moments[g.id].values())).mean.numpy()
+                shift[g.id] = next(iter(observed[g.id].values())).means()
     return Scores(scores, skipped, shift=shift)
