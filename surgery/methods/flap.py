@@ -10,7 +10,7 @@ damage of doing that::
 where ``X^L`` is what consumer ``L`` reads (its input, :mod:`surgery.methods._activations`) and the
 variance is over every calibration token. With ``compensate=True`` (default) the plan carries each
 removed channel's mean (``GroupPlan.shift``: one value per input column the channel owns, so an
-attention head carries ``head_dim`` means) and the rewrite adds ``sum_c W[:, cols(c)] @ mean_c`` to
+attention head, or a GQA group of them, carries a mean for each of its output-projection columns) and the rewrite adds ``sum_c W[:, cols(c)] @ mean_c`` to
 every consumer's bias, in both modes (:mod:`surgery.compensation`), so pruned == masked still holds
 and the pruned output's mean over the calibration tokens equals the original's. A linear without a
 bias (Llama's ``o_proj`` / ``down_proj``) is given one holding the compensation, as FLAP's code does
