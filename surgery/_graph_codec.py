@@ -148,6 +148,17 @@ def _names_ok(names) -> bool:
     return all(isinstance(n, str) and n.isidentifier() and not keyword.iskeyword(n) for n in names)
 
 
+def _attr_ok(name) -> bool:
+    """A module, parameter or buffer name fx may write into generated code: an identifier, or the
+    digits of a ``ModuleList`` / ``ParameterList`` index (fx spells those ``getattr(self, "0")``,
+    unescaped, so anything else could inject code)."""
+    return isinstance(name, str) and (_names_ok([name]) or name.isdigit())
+
+
+def _path_ok(path) -> bool:
+    return isinstance(path, str) and all(_attr_ok(p) for p in path.split("."))
+
+
 def _data_to_codegen(data) -> torch.fx.graph.CodeGen:
     """The pytree code generator stored by :func:`_pytree_to_data`. Its argument names and keyword
     names go into generated source, so they must be identifiers."""
@@ -166,9 +177,18 @@ def _data_to_codegen(data) -> torch.fx.graph.CodeGen:
     return torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(list(data["orig_args"]), in_spec, out_spec))
 
 
-def _check_node(op: str, target, args, tensor_targets: set[str], module_paths: set[str]):
+def _check_node(op: str, target, args, kwargs, tensor_targets: set[str], module_paths: set[str], graph_paths: set[str]):
+    if not _names_ok(kwargs):  # keyword names are written into the generated code as they are
+        raise ModelLoadError("checkpoint graph has a keyword argument name that is not an identifier")
+    if op in ("get_attr", "call_module") and not _path_ok(target):
+        raise ModelLoadError(f"checkpoint graph names {str(target)[:80]!r}, which is not an attribute path")
     if op == "call_function":
         fn = allow.resolve_function(target)
+        if fn is _WRAP_GRAD:  # runs a stored sub-graph, and nothing else, under no_grad / enable_grad
+            body = args[1] if len(args) >= 2 else None
+            if not isinstance(args[0], bool) or not (isinstance(body, torch.fx.Node) and body.op == "get_attr"
+                                                     and body.target in graph_paths):
+                raise ModelLoadError("checkpoint graph calls wrap_with_set_grad_enabled without a stored sub-graph")
         if fn is getattr:
             if len(args) < 2:
                 raise ModelLoadError("checkpoint graph has a malformed getattr call")
@@ -178,7 +198,7 @@ def _check_node(op: str, target, args, tensor_targets: set[str], module_paths: s
         return allow.check_method(target)
     if op == "call_module" and target not in module_paths:
         raise ModelLoadError(f"checkpoint graph calls unknown module {target!r}")
-    if op == "get_attr" and target not in tensor_targets and target not in module_paths:
+    if op == "get_attr" and target not in tensor_targets and target not in graph_paths:
         raise ModelLoadError(f"checkpoint graph reads {target!r}, which is not a stored tensor or sub-graph")
     if op not in ("placeholder", "output", "call_module", "get_attr"):
         raise ModelLoadError(f"checkpoint graph has a node of unknown kind {op!r}")
@@ -187,8 +207,10 @@ def _check_node(op: str, target, args, tensor_targets: set[str], module_paths: s
     return target
 
 
-def data_to_graph(data: dict, tensor_targets: set[str], module_paths: set[str]) -> torch.fx.Graph:
-    """Rebuild a ``torch.fx.Graph`` from :func:`graph_to_data` output, checking every target."""
+def data_to_graph(data: dict, tensor_targets: set[str], module_paths: set[str], graph_paths: set[str] = frozenset()) -> torch.fx.Graph:
+    """Rebuild a ``torch.fx.Graph`` from :func:`graph_to_data` output, checking every target.
+
+    ``graph_paths``: the modules that are stored sub-graphs (the only modules ``get_attr`` may read)."""
     graph = torch.fx.Graph()
     made: dict[str, torch.fx.Node] = {}
     try:
@@ -197,7 +219,7 @@ def data_to_graph(data: dict, tensor_targets: set[str], module_paths: set[str]) 
             kwargs = decode_value(nd["kwargs"], made)
             if not isinstance(args, tuple) or not isinstance(kwargs, dict):
                 raise ModelLoadError(f"checkpoint node {nd['name']!r} is malformed")
-            target = _check_node(nd["op"], nd["target"], args, tensor_targets, module_paths)
+            target = _check_node(nd["op"], nd["target"], args, kwargs, tensor_targets, module_paths, graph_paths)
             made[nd["name"]] = graph.create_node(nd["op"], target, args, kwargs, name=nd["name"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"checkpoint graph is malformed: {type(exc).__name__}: {exc}") from None
@@ -216,6 +238,9 @@ def modules_to_data(root: nn.Module, key_of: Callable[[torch.Tensor, str], str])
             out.append({"path": path, "alias": seen[id(mod)]})
             continue
         seen[id(mod)] = path
+        bad = next((n for n in (path.split(".") if path else []) + [*mod._parameters, *mod._buffers] if not _attr_ok(n)), None)
+        if bad is not None:  # the loader refuses such names: fx would write them into code unescaped
+            raise SurgeryError(f"cannot store module {path!r} in a dense checkpoint: the name {bad!r} is not an identifier")
         prefix = f"{path}." if path else ""
         entry: dict = {"path": path, "training": mod.training, "attrs": {}, "tensor_attrs": {}}
         if path and isinstance(mod, torch.fx.GraphModule):  # an export sub-graph: its nodes, not its attributes
@@ -253,6 +278,7 @@ def modules_to_data(root: nn.Module, key_of: Callable[[torch.Tensor, str], str])
 
 
 _SUBGRAPH = "torch.fx.graph_module.GraphModule"
+_WRAP_GRAD = getattr(getattr(torch.ops, "higher_order", None), "wrap_with_set_grad_enabled", None)
 
 
 def _new_module(cls_name: str, attrs: dict) -> nn.Module:
@@ -278,6 +304,9 @@ def restore_state(mod: nn.Module, entry: dict, tensors: dict, params: dict) -> N
             raise ModelLoadError(f"checkpoint lacks tensor {key!r}")
         return tensors[key]
 
+    names = [*entry["params"], *entry["buffers"], *entry["tensor_attrs"]]
+    if not all(_attr_ok(k) for k in names):
+        raise ModelLoadError(f"checkpoint names a tensor {next(str(k)[:80] for k in names if not _attr_ok(k))!r}, which is not an attribute name")
     mod.training = bool(entry["training"])
     for k, spec in entry["params"].items():
         if spec is not None and spec[0] not in params:
@@ -300,13 +329,17 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
     tensor_names: set[str] = set()
     params: dict[str, nn.Parameter] = {}
     graphs: list[tuple[str, dict]] = []
+    aliases: list[tuple[str, str]] = []
     try:
         for e in entries:
             path = e["path"]
+            if path and not _path_ok(path):
+                raise ModelLoadError(f"checkpoint module path {str(path)[:80]!r} is not an attribute path")
             if path in by_path or (path and path.rpartition(".")[0] not in by_path):
                 raise ModelLoadError(f"checkpoint module tree is malformed at {path!r}")
             if "alias" in e:
                 mod = by_path[e["alias"]]
+                aliases.append((path, e["alias"]))
             elif path and e.get("class") == _SUBGRAPH:
                 mod = nn.Module()  # becomes a GraphModule once its own submodules exist (below)
                 graphs.append((path, e.get("graph")))
@@ -331,9 +364,11 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
         names = {k for k, v in (*holder._parameters.items(), *holder._buffers.items(), *vars(holder).items())
                  if isinstance(v, torch.Tensor)}
         subs = {p for p, _ in holder.named_modules(remove_duplicate=False) if p}
-        sub = torch.fx.GraphModule(holder, data_to_graph(data, names, subs))
-        parent, _, name = path.rpartition(".")
-        by_path[parent]._modules[name] = by_path[path] = sub
+        inner = {p for p, m in holder.named_modules(remove_duplicate=False) if p and isinstance(m, torch.fx.GraphModule)}
+        sub = torch.fx.GraphModule(holder, data_to_graph(data, names, subs, inner))
+        for at in [path] + [a for a, target in aliases if target == path]:
+            parent, _, name = at.rpartition(".")
+            by_path[parent]._modules[name] = by_path[at] = sub
     root = by_path[""]
     for path, mod in root.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""

@@ -146,6 +146,9 @@ def forge(src: Path, dst: Path, edit) -> None:
     save_file(load_file(str(src)), str(dst), metadata=meta)
 
 
+_INJECT = 'w", None) or print("injected") or ("'
+
+
 def _set_class(spec, name):
     next(m for m in spec["modules"] if m.get("class"))["class"] = name
 
@@ -170,6 +173,16 @@ def _set_target(spec, op, target, args=None):
     (lambda s: s["modules"][1]["attrs"].update(forward="x"), None),
     (lambda s: s["modules"][1]["attrs"].update(_parameters=1), "forbidden attribute"),
     (lambda s: s["graph"]["nodes"][1]["args"].update({"$tuple": [{"$node": "later"}]}), "unknown node"),
+    # names fx writes into generated code unescaped: a quote would inject code
+    (lambda s: s["modules"][1]["params"].update({_INJECT: s["modules"][1]["params"].pop("weight")}), "not an attribute name"),
+    (lambda s: s["modules"][1].update(path=_INJECT), "not an attribute path"),
+    (lambda s: _set_target(s, "call_module", _INJECT), "not an attribute path"),
+    (lambda s: s["graph"]["nodes"][2].update(kwargs={"$dict": {_INJECT: 1}}), "keyword argument name"),
+    # a module handed to functions, or the higher-order op without a stored sub-graph
+    (lambda s: s["graph"]["nodes"][1].update(op="get_attr", target="0", args={"$tuple": []}), "not a stored tensor or sub-graph"),
+    (lambda s: _set_target(s, "call_function", "torch.ops.higher_order.wrap_with_set_grad_enabled",
+                           {"$tuple": [False, {"$node": s["graph"]["nodes"][1]["name"]}, {"$node": "x"}]}),
+     "without a stored sub-graph"),
 ])
 def test_forged_checkpoints_are_refused(tmp_path, edit, pattern):
     net = nn.Sequential(nn.Linear(4, 4))
