@@ -57,10 +57,11 @@ try:
         graph = surgery.trace(model, ids)
         prunable = [g for g in graph.groups if g.prunable]
         out["seconds"] = time.perf_counter() - t
-        sizes = {g.size for g in prunable}
         out["groups"] = len(prunable)
-        out["kinds"] = {k: sum(g.size == v for g in prunable) for k, v in (
-            ("kv_heads", shape["num_key_value_heads"]), ("mlp", shape["intermediate_size"]), ("hidden", shape["hidden_size"]))}
+        producers = lambda g, part: any(part in p for p in g.producers or g.modules[:1])
+        out["kinds"] = {"kv_heads": sum(producers(g, "self_attn.q_proj") for g in prunable),
+                        "mlp": sum(producers(g, "mlp.gate_proj") for g in prunable),
+                        "hidden": sum(g.size == shape["hidden_size"] and bool(g.cross_channel) for g in prunable)}
         t = time.perf_counter()
         plan = surgery.plan(model, ids, "random", 0.3, policy="uniform")
         out["plan_seconds"] = time.perf_counter() - t
@@ -72,8 +73,8 @@ try:
         out["seconds"] = time.perf_counter() - t
         out["groups"] = len(groups)
 except Exception as exc:
-    out["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120]
-out["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+out["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e9 if sys.platform == "darwin" else 1e6)  # bytes / KiB
 print("RESULT " + json.dumps(out))
 """
 

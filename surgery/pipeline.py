@@ -151,8 +151,9 @@ def plan(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.
     Options: ``policy`` (``"local"``/``"global"``), ``normalize``, ``layer_ratios``, ``round_to``,
     ``target_macs``, ``skip_cross_channel``, ``leaf_modules``, ``calib_batches``, ``only_layers``
     (patterns over the modules producing a group's channels: only those groups are scored and
-    pruned; the layer-by-layer schedule uses it), and the method's own (``surgery methods NAME``).
-    Unknown names are an error.
+    pruned; the layer-by-layer schedule uses it), ``weights`` (a ``.safetensors`` file or directory
+    the weights of a model on the meta device are read from, one tensor at a time), and the method's
+    own (``surgery methods NAME``). Unknown names are an error.
 
     Examples
     --------

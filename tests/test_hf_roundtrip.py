@@ -144,3 +144,17 @@ def test_surgery_save_stores_the_export_sub_graphs(name, tmp_path):
         assert torch.allclose(_first(graph(*example_inputs(name))), res.model(*example_inputs(name)).logits, atol=1e-6)
     kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(own.generate(ids[0], **kw), res.model.generate(ids[0], **kw))  # its generation config came back
+
+
+def test_load_pruned_restores_tensors_shared_between_modules(tmp_path):
+    """T5's encoder reads the same embedding module as ``shared``; save_pretrained stores one name.
+    Widths that differ between blocks (only block 0 pruned) go through save_pruned / load_pruned."""
+    model, x = HF_MODELS["t5"](), example_inputs("t5")
+    res, warned = _prune(model, x, only_layers=["transformer.encoder.block.0.*"])
+    assert any("widths differ between layers" in w for w in warned)
+    surgery.hf.save_pruned(res.model, tmp_path)
+    again = surgery.hf.load_pruned(tmp_path)
+    assert again.transformer.encoder.embed_tokens.weight is again.transformer.shared.weight
+    ids = example_inputs("t5", batch=2, seq=7, seed=6)[0]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, res.model(ids).logits)

@@ -1,7 +1,9 @@
 """Build the channel-dependency graph of a traced model and derive its groups.
 
-Building is one pass over the fx nodes (each op rule adds numpy couplings), then one
-``scipy.sparse.csgraph.connected_components`` over all atoms: linear in the size of the model.
+Building is one pass over the fx nodes (each op rule adds numpy couplings), then the solve: spaces
+coupled atom for atom are merged into classes (a ``connected_components`` over spaces), and one
+``scipy.sparse.csgraph.connected_components`` over the representative atoms of the classes gives the
+units; signatures and groups are computed on those atoms too. Linear in the size of the model.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Keep a plan for a Hugging Face model within what its config class can describe.
 
+The fitter runs after ``round_to`` and has the last word: a width the config needs wins over the
+requested multiple (say so when both are asked for).
+
 Fused Mixture-of-Experts weights go through a grouped matmul that reads rows of 16-byte multiples:
 the experts' neuron count and the hidden size are kept at multiples of 4 (float32) / 8 (16-bit).
 

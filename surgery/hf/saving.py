@@ -53,19 +53,32 @@ def load_pruned(path: str, cls=None) -> nn.Module:
         warnings.simplefilter("ignore")
         model = cls(config)
     expected = set(model.state_dict())
-    tied = {k for k in expected - set(state) if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    # names of one tensor (tied embeddings, T5's encoder.embed_tokens = shared): save_pretrained keeps one
+    owner: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        owner.setdefault(id(t), []).append(name)
+    alias = {n: names for names in owner.values() for n in names}
+    tied = {k for k in expected - set(state) if any(a in state for a in alias.get(k, ()))}
     missing, unexpected = sorted(expected - set(state) - tied), sorted(set(state) - expected)
     if missing or unexpected:
         raise SurgeryError(f"{path}: weights do not match {cls.__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for key, tensor in state.items():
-        owner, _, name = key.rpartition(".")
-        module = model.get_submodule(owner)
+        owner_name, _, name = key.rpartition(".")
+        module = model.get_submodule(owner_name)
         if name in module._parameters:
             module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
         else:
             module._buffers[name] = tensor
-    if tied:
-        model.tie_weights()
+    for key in tied:  # a second module holding the same tensor takes the stored one too
+        source = next(a for a in alias[key] if a in state)
+        owner_name, _, name = key.rpartition(".")
+        module = model.get_submodule(owner_name)
+        src_owner, _, src_name = source.rpartition(".")
+        value = getattr(model.get_submodule(src_owner), src_name)
+        if name in module._parameters:
+            module._parameters[name] = value
+        else:
+            module._buffers[name] = value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sync_config(model)

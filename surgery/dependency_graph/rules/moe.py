@@ -70,7 +70,7 @@ def topk(ctx: BuildCtx) -> None:
     x = ctx.input
     if not ctx.is_tensor(x) or ctx.val(x).dim() == 0:
         return
-    dim = ctx.arg(2, "dim", ctx.val(x).dim() - 1)
+    dim = ctx.arg(2, "dim", -1) % ctx.val(x).dim()
     for path in ((0,), (1,)):
         ctx.same_dims(x, [d for d in range(ctx.val(x).dim()) if d != dim], out_path=path)
     ctx.stop(ctx.sp(x, dim), Reason.FIXED_DIM, f"top-k picks among the entries of dim {dim} by index ({ctx.node.name})")
