@@ -180,6 +180,8 @@ def _data_to_codegen(data) -> torch.fx.graph.CodeGen:
 def _check_node(op: str, target, args, kwargs, tensor_targets: set[str], module_paths: set[str], graph_paths: set[str]):
     if not _names_ok(kwargs):  # keyword names are written into the generated code as they are
         raise ModelLoadError("checkpoint graph has a keyword argument name that is not an identifier")
+    if op == "placeholder" and not (isinstance(target, str) and _names_ok([target.lstrip("*")]) and len(target) - len(target.lstrip("*")) <= 2):
+        raise ModelLoadError(f"checkpoint graph has an input named {str(target)[:80]!r}, which is not an identifier")
     if op in ("get_attr", "call_module") and not _path_ok(target):
         raise ModelLoadError(f"checkpoint graph names {str(target)[:80]!r}, which is not an attribute path")
     if op == "call_function":

@@ -178,6 +178,7 @@ def _set_target(spec, op, target, args=None):
     (lambda s: s["modules"][1].update(path=_INJECT), "not an attribute path"),
     (lambda s: _set_target(s, "call_module", _INJECT), "not an attribute path"),
     (lambda s: s["graph"]["nodes"][2].update(kwargs={"$dict": {_INJECT: 1}}), "keyword argument name"),
+    (lambda s: s["graph"]["nodes"][0].update(target='x=print("injected")'), "input named .* not an identifier"),
     # a module handed to functions, or the higher-order op without a stored sub-graph
     (lambda s: s["graph"]["nodes"][1].update(op="get_attr", target="0", args={"$tuple": []}), "not a stored tensor or sub-graph"),
     (lambda s: _set_target(s, "call_function", "torch.ops.higher_order.wrap_with_set_grad_enabled",
