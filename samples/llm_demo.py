@@ -109,6 +109,15 @@ def main() -> None:
         assert pruned.config.hidden_size == model.config.hidden_size
         rows.append((method, after, tuned, sum(p.numel() for p in pruned.parameters()), h, m, time.perf_counter() - t))
         print(f"{method}: after pruning {after:.2f}, after fine-tuning {tuned:.2f}, heads {h}, MLP {m}")
+    after = {r[0]: r[1] for r in rows}
+    aware = [m for m in ("wanda-structured", "flap") if m in after]
+    if "random" in after and aware:
+        beaten = all(after[m] < after["random"] for m in aware)
+        verdict = "beat" if beaten else "DO NOT beat"
+        line = f"activation-aware criteria ({', '.join(aware)}) {verdict} random after pruning"
+        print(line)
+        if not beaten:
+            raise SystemExit(f"error: {line}")  # the demo's defining check; the README is not written
     table = _table(rows, args, steps)
     print(table)
     if args.readme:
