@@ -55,12 +55,12 @@ def _mlp_group(graph) -> int:
     return next(g.id for g in graph.groups if g.prunable and g.size == HID)
 
 
-def _scores(model, method: str, data) -> np.ndarray:
+def _scores(model, method: str, data, **options) -> np.ndarray:
     x = data[0][0]
     graph = surgery.trace(model, x)
     gid = _mlp_group(graph)
     ctx = ScoreContext(model, graph, [graph.groups[gid]], Calibration(data))
-    out = get_method(method).fn(ctx, **get_method(method).resolve())
+    out = get_method(method).fn(ctx, **get_method(method).resolve(options))
     return out.scores[gid], out
 
 
@@ -89,8 +89,10 @@ def test_flap_score_equals_direct_computation():
 
 
 def test_llm_taylor_equals_direct_computation():
+    """Both estimators of LLM-Pruner: element (sum of |w g|, the default) and vector (|sum of w g|)."""
     model, data = TinyLM(), _data()
-    got, _ = _scores(model, "llm-taylor", data)
+    element, _ = _scores(model, "llm-taylor", data)
+    vector, _ = _scores(model, "llm-taylor", data, taylor="vector")
     grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
     for x, y in data:
         logits = model(x)
@@ -99,7 +101,10 @@ def test_llm_taylor_equals_direct_computation():
             grads[n] += g.double() / len(data)
     wg = {n: p.detach().double() * grads[n] for n, p in model.named_parameters()}
     want = (wg["fc1.weight"].sum(1) + wg["fc1.bias"] + wg["fc2.weight"].sum(0)).abs()
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(vector, want.numpy(), rtol=1e-6, atol=1e-12)
+    want = wg["fc1.weight"].abs().sum(1) + wg["fc1.bias"].abs() + wg["fc2.weight"].abs().sum(0)
+    np.testing.assert_allclose(element, want.numpy(), rtol=1e-6, atol=1e-12)
+    assert (element >= vector - 1e-12).all() and not np.allclose(element, vector)
 
 
 @pytest.mark.parametrize("method", ["wanda-structured", "flap", "llm-taylor"])

@@ -5,7 +5,8 @@ Removing a channel sets every weight of its group to zero (the producer's rows, 
 columns, the norm's entries, ...). To first order the loss changes by ``-sum_k w_k dL/dw_k`` over
 those weights ``k``, so the channel's importance is::
 
-    I_c = | sum over every weight k removed with c of  w_k * g_k |
+    I_c = sum over every weight k removed with c of | w_k * g_k |       (taylor="element", default)
+    I_c = | sum over every weight k removed with c of  w_k * g_k |      (taylor="vector")
 
 with ``g`` the gradient of the causal language-model loss (next-token cross-entropy, the labels
 shifted by one) averaged over the calibration batches. Labels default to the input ids themselves
@@ -14,6 +15,11 @@ of the class logits, so the criterion also runs on classifiers; ``loss=`` replac
 ``torch.func.functional_call`` on detached copies of the parameters: no ``.grad`` of the model is
 touched. A channel whose weights are all zero scores 0. Scores are loss changes in the loss's own
 units, so the global policy compares them raw (``normalize="none"``).
+
+``element`` is LLM-Pruner's ``param_first`` (the first-order term of each weight, its magnitude
+summed over the group), the estimator its scripts use; ``vector`` is its ``vectorwise`` estimate of the
+whole group's first-order term, whose signed sum cancels near a minimum of the loss (on the README's
+demo Llama it removes channels barely better than ``random``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from ..calibration.recorder import default_loss
 from ..dependency_graph.tracing import eval_mode
 from ..errors import PlanError
-from ._registry import register_method
+from ._registry import Option, register_method
 from .context import ScoreContext, Scores
 from .obd import scored_parameters
 
@@ -80,10 +86,12 @@ def mean_gradients(ctx: ScoreContext, names: set[str]) -> dict[str, torch.Tensor
     return {n: t / max(count, 1) for n, t in total.items()}
 
 
-@register_method("llm-taylor", "first-order group Taylor |sum of w x dL/dw| over every weight removed with the channel (LLM-Pruner), causal LM loss",
-                 paper=PAPER, needs=("data",), normalize="none")
-def llm_taylor(ctx: ScoreContext):
-    """Score = |sum over the group's weights of the channel of w * mean gradient|."""
+@register_method("llm-taylor", "first-order Taylor |w x dL/dw| summed over every weight removed with the channel (LLM-Pruner), causal LM loss",
+                 paper=PAPER, needs=("data",), normalize="none",
+                 options=(Option("taylor", str, "element", "'element': sum of |w x g| (LLM-Pruner's param_first); "
+                                 "'vector': |sum of w x g| over the group (its vectorwise)", choices=("element", "vector")),))
+def llm_taylor(ctx: ScoreContext, taylor: str):
+    """Score = sum (element) or |sum| (vector) over the group's weights of the channel of w * mean gradient."""
     names = scored_parameters(ctx)
     grads = mean_gradients(ctx, set(names.values()))
     params = dict(ctx.graph.gm.named_parameters())
@@ -97,6 +105,8 @@ def llm_taylor(ctx: ScoreContext):
                 continue
             found = True
             wg = params[key].detach().double().cpu() * grads[key]
+            if taylor == "element":
+                wg = wg.abs()
             dims = [d for d in range(wg.dim()) if d != m.dim]
             per_index = (wg.sum(dim=dims) if dims else wg).numpy()
             np.add.at(signed, m.units, per_index[m.indices])
