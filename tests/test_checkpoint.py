@@ -203,6 +203,43 @@ def test_forged_checkpoints_are_refused(tmp_path, edit, pattern):
     assert "\n" not in str(exc.value)
 
 
+class _NoGradTable(nn.Module):
+    """A part computed under ``torch.no_grad()`` (as rotary tables are): ``torch.export`` puts it in a
+    ``wrap_with_set_grad_enabled`` sub-graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("freq", torch.arange(4.0))
+
+    def forward(self, x):
+        with torch.no_grad():
+            table = torch.cos(x * self.freq)
+        return self.lin(x) + table
+
+
+def test_export_sub_graphs_are_stored_and_checked(tmp_path):
+    from surgery.dependency_graph.exporting import export_module
+
+    torch.manual_seed(0)
+    model = _NoGradTable().eval()
+    x = torch.randn(3, 4)
+    gm = export_module(model, (x,))
+    subs = [n for n, m in gm.named_children() if isinstance(m, torch.fx.GraphModule)]
+    assert subs and any(n.target is torch.ops.higher_order.wrap_with_set_grad_enabled for n in gm.graph.nodes)
+    checkpoint.save(gm, tmp_path / "sub.pt")
+    back = checkpoint.load(tmp_path / "sub.pt")
+    assert isinstance(getattr(back, subs[0]), torch.fx.GraphModule)
+    assert torch.equal(back(x), model(x))
+    # the sub-graph's own nodes are checked like the root's
+    def edit(spec):
+        entry = next(e for e in spec["modules"] if e.get("graph"))
+        next(n for n in entry["graph"]["nodes"] if n["op"] == "call_function")["target"] = "posix.system"
+    forge(tmp_path / "sub.pt", tmp_path / "bad.pt", edit)
+    with pytest.raises(ModelLoadError, match="calls 'posix.system'.*allow-list"):
+        checkpoint.load(tmp_path / "bad.pt")
+
+
 def test_bad_files(tmp_path, pruned_resnet):
     checkpoint.save(pruned_resnet, tmp_path / "r.pt")
     data = (tmp_path / "r.pt").read_bytes()

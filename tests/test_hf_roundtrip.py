@@ -127,16 +127,18 @@ def test_tied_gemma_embedding_factor_refuses_save_pretrained_and_save_pruned_kee
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_surgery_save_stores_the_export_sub_graphs(name, tmp_path):
-    """Rotary tables are a ``wrap_with_set_grad_enabled`` sub-graph in the exported graph that the
-    checkpoint keeps beside the class tree: both come back and compute the pruned model's logits."""
+def test_surgery_save_keeps_the_hf_class(name, tmp_path):
+    """``surgery.save`` of a pruned HF model: the class tree (config and generation config included)
+    and the exported graph (with the sub-graph of its rotary tables where the transformers version
+    exports one, ``wrap_with_set_grad_enabled``) both come back and compute the pruned model's logits."""
     model, x = _build(name), example_inputs(name)
     res, _ = _prune(model, x)
     path = tmp_path / "p.pt"
     surgery.save(res.model, path)
     own, graph = surgery.load(path), surgery.load(path, output="graph")
     assert type(own) is type(model) and isinstance(graph, torch.fx.GraphModule)
-    assert any(isinstance(m, torch.fx.GraphModule) for _, m in graph.named_children())  # the sub-graph
+    traced_subgraphs = any(isinstance(m, torch.fx.GraphModule) for m in res.graph.gm.children())
+    assert any(isinstance(m, torch.fx.GraphModule) for m in graph.children()) == traced_subgraphs
     ids = example_inputs(name, batch=2, seq=8, seed=3)
     with torch.no_grad():
         want = res.model(*ids).logits
