@@ -71,17 +71,17 @@ def run(model: nn.Module, example_inputs, method: str = "l1", ratio: float = 0.5
     if plan is None:
         check_ratio(ratio)
         opts, _ = split_options(method, options)  # fail on a bad option before any work
-        leaves, free = leaf_names(model, opts.leaf_modules), opts.free_outputs
+        leaves, free, gqa = leaf_names(model, opts.leaf_modules), opts.free_outputs, opts.gqa
     else:
         if options:
             raise PlanError(f"options {', '.join(sorted(options))} cannot be combined with a saved plan")
-        leaves, free = plan.leaf_modules, tuple(plan.options.get("free_outputs", ()))
+        leaves, free, gqa = plan.leaf_modules, tuple(plan.options.get("free_outputs", ())), plan.options.get("gqa", "kv")
     before = None
     if measure:
         step("counting params and MACs")
         before = stats(model, inputs)
     step("tracing the dependency graph")
-    graph = trace_graph(model, inputs, leaves, free)
+    graph = trace_graph(model, inputs, leaves, free, gqa=gqa)
     applied: dict[str, object] = {}
 
     def verify(p: Plan):

@@ -29,7 +29,9 @@ from .methods._registry import unknown_name
 from .methods.context import reading_weights
 from .plan import GroupPlan, Plan, check_ratio, graph_signature, group_fingerprint
 
-__all__ = ["PlanOptions", "split_options", "plan_from_graph", "leaf_names", "score_groups", "build_plan"]
+GQA_UNITS = ("kv", "query")
+
+__all__ = ["GQA_UNITS", "PlanOptions", "split_options", "plan_from_graph", "leaf_names", "score_groups", "build_plan"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class PlanOptions:
     submodule: str = ""  # prune only this submodule (its real inputs are captured from the whole model)
     free_outputs: tuple = ()  # patterns of model outputs whose channels may shrink
     only_layers: tuple = ()  # patterns over producing modules: only the groups they match are scored and pruned
+    # the unit of grouped-query attention: "kv" (a KV head with its query heads) or "query" (the same
+    # query-head position in every KV group; the KV heads stay): a trace option, recorded in the plan
+    gqa: str = "kv"
     # safetensors file or directory the weights of a meta-device model are read from, lazily; not
     # recorded in the plan: it is where the values come from (like data), the plan is the same as
     # with the weights loaded, and a path is only meaningful on the machine that planned
@@ -70,6 +75,8 @@ class PlanOptions:
             raise PlanError(f"free_outputs must be module-name patterns, got {self.free_outputs!r}")
         if not all(isinstance(p, str) for p in self.only_layers):
             raise PlanError(f"only_layers must be module-name patterns, got {self.only_layers!r}")
+        if self.gqa not in GQA_UNITS:
+            raise PlanError(f"unknown gqa {self.gqa!r}; known: {', '.join(GQA_UNITS)}")
         if not isinstance(self.submodule, str):
             raise PlanError(f"submodule must be a qualified module name, got {self.submodule!r}")
         if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):

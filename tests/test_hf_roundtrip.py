@@ -160,3 +160,25 @@ def test_load_pruned_restores_tensors_shared_between_modules(tmp_path):
     ids = example_inputs("t5", batch=2, seq=7, seed=6)[0]
     with torch.no_grad():
         assert torch.equal(again(ids).logits, res.model(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_gqa_query_option_keeps_kv_heads_and_round_trips(name, tmp_path):
+    """``gqa="query"``: query heads go by position inside their KV group, so every group keeps as many
+    (4 query heads over 2 KV heads -> 2 over 2); the config says so and the model reloads."""
+    model, x = _build(name), example_inputs(name)
+    res, warned = _prune(model, x, gqa="query", skip_cross_channel=True)
+    out, cfg = res.model, res.model.config
+    assert type(out) is type(model) and not warned and res.plan.options["gqa"] == "query"
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 2)
+    assert out.model.layers[0].self_attn.num_key_value_groups == 1
+    masked = apply_to_graph(res.graph, res.plan, "mask", "module", model)
+    ids = example_inputs(name, batch=2, seq=9, seed=3)[0]
+    with torch.no_grad():
+        assert torch.allclose(out(ids).logits, masked(ids).logits, atol=1e-5)
+    out.save_pretrained(tmp_path)
+    again = type(out).from_pretrained(tmp_path).eval()
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out(ids).logits)
+    assert torch.equal(again.generate(ids, **kw), masked.generate(ids, **kw))

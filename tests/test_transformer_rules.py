@@ -123,6 +123,31 @@ def test_gqa_kv_head_goes_with_its_query_group(export, gqa):
     assert shapes == {"q.weight": (32, 32), "k.weight": (16, 32), "v.bias": (16,), "o.weight": (32, 32)}
 
 
+@FRONT_ENDS
+@pytest.mark.parametrize("gqa", ["enable_gqa", "repeat_kv"])
+def test_gqa_query_option_prunes_query_positions_and_keeps_kv_heads(export, gqa):
+    """``gqa="query"``: one unit is the same query-head position in every KV group (query heads 0 and 2,
+    then 1 and 3, for 4 query heads over 2 KV heads), so every group keeps as many query heads; the KV
+    heads stay whole with the reason. With ``repeat_kv`` the expand's copy count shrinks with them."""
+    model, x = Attention(export, kv_heads=2, gqa=gqa).eval(), torch.randn(2, 6, 32)
+    graph = surgery.trace(model, x, gqa="query")
+    [group] = _prunable(graph, "q.weight")
+    assert group.size == 2 and not _prunable(graph, "k.weight") and not _prunable(graph, "v.weight")
+    assert _member(group, "q.weight", 0).index_map() == [list(range(0, 16)) + list(range(32, 48)),
+                                                         list(range(16, 32)) + list(range(48, 64))]
+    assert _member(group, "o.weight", 1).index_map()[1] == list(range(16, 32)) + list(range(48, 64))
+    [kv] = [g for g in graph.groups if any((m.name, m.dim) == ("k.weight", 0) for m in g.members) and g.size == 2]
+    assert "gqa='query': the KV heads stay" in kv.reason_detail
+    shapes = _pruned_shapes(model, x, ["q.weight", "k.weight", "v.bias", "o.weight"], gqa="query")
+    assert shapes == {"q.weight": (32, 32), "k.weight": (32, 32), "v.bias": (32,), "o.weight": (32, 32)}
+
+
+def test_gqa_option_is_checked():
+    model, x = Attention(True, kv_heads=2, gqa="repeat_kv").eval(), torch.randn(2, 6, 32)
+    with pytest.raises(surgery.errors.PlanError, match="unknown gqa 'heads'; known: kv, query"):
+        surgery.plan(model, x, "l1", gqa="heads")
+
+
 class EagerAttention(Base):
     """GPT-2-style eager attention with a fused qkv projection: softmax(q @ k.T * scale) @ v."""
 

@@ -337,20 +337,23 @@ class DependencyGraph:
         return f"DependencyGraph({len(self.table.spaces)} spaces, {len(self.groups)} groups, {n_pr} prunable)"
 
 
-def build_graph(traced: Traced, example_inputs=(), free_outputs=()) -> DependencyGraph:
+def build_graph(traced: Traced, example_inputs=(), free_outputs=(), gqa: str = "kv") -> DependencyGraph:
     """Dependency graph of a traced model whose nodes carry ``meta['val']``.
 
     ``free_outputs``: fnmatch patterns over the modules (or fx node names) that produce model
     outputs whose channels may shrink (their consumer outside the model is pruned or retrained too).
+    ``gqa``: the unit of grouped-query attention, ``"kv"`` (a KV head with its query heads) or
+    ``"query"`` (one query-head position of every KV group; the KV heads stay), ``rules/heads.py``.
     """
     table = SpaceTable()
     table.free_outputs = tuple(free_outputs)
+    table.gqa = gqa
     for node in traced.graph.nodes:
         couple_node(table, traced.root, node)
     return DependencyGraph(traced, table, normalize_inputs(example_inputs) if example_inputs != () else ())
 
 
-def trace(model: nn.Module, example_inputs, leaf_modules=(), free_outputs=()) -> DependencyGraph:
+def trace(model: nn.Module, example_inputs, leaf_modules=(), free_outputs=(), gqa: str = "kv") -> DependencyGraph:
     """Trace ``model`` and build its channel-dependency graph.
 
     Examples
@@ -363,7 +366,7 @@ def trace(model: nn.Module, example_inputs, leaf_modules=(), free_outputs=()) ->
     """
     inputs = normalize_inputs(example_inputs)
     with _gc_paused():
-        return build_graph(trace_graph(model, inputs, leaf_modules), inputs, free_outputs)
+        return build_graph(trace_graph(model, inputs, leaf_modules), inputs, free_outputs, gqa)
 
 
 @contextlib.contextmanager

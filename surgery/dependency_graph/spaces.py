@@ -60,6 +60,8 @@ class SpaceTable:
         self.mask_exempt: set[tuple[str, str, int]] = set()
         #: fnmatch patterns of model outputs whose channels may shrink (``trace(free_outputs=...)``)
         self.free_outputs: tuple[str, ...] = ()
+        #: the unit of grouped-query attention: "kv" or "query" (``trace(gqa=...)``, ``rules/heads.py``)
+        self.gqa = "kv"
         self.fed: list[bool] = []
         #: node name -> the space an int was read from (``x.size(1)``), or one entry per int of a
         #: size tuple: a space id or a ``rules.sizes.Literal`` (a constant in some node's arguments)

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from ..context import BuildCtx
-from .heads import attention_head_sizes
+from .heads import attention_head_sizes, gqa_merge
 from .rotary import rotated_sizes
 
 __all__ = ["op_name", "tensor_args", "unary", "broadcast", "align_reshape", "couple_reshape", "normalize_dims"]
@@ -123,8 +123,10 @@ def couple_reshape(ctx: BuildCtx, x: torch.fx.Node, src: tuple, dst: tuple, path
         if len(sj) == 1:  # merge: many src dims -> one dst dim
             sizes = [src[d] for d in si]
             fed = [table.fed[ctx.sp(x, d, path)] for d in si]
-            avoid = avoid if avoid is not None else rotated_sizes(ctx) | attention_head_sizes(ctx)
-            k = _pick(sizes, fed, avoid)
+            k = gqa_merge(ctx, [ctx.sp(x, d, path) for d in si])
+            if k is None:
+                avoid = avoid if avoid is not None else rotated_sizes(ctx) | attention_head_sizes(ctx)
+                k = _pick(sizes, fed, avoid)
             whole = ctx.out(sj[0])
             flat = np.arange(math.prod(sizes))
             table.pairs(ctx.sp(x, si[k], path), _coordinate(flat, sizes, k), whole, flat)

@@ -22,6 +22,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..context import BuildCtx
+from ..reasons import Reason
 
 __all__ = ["attention_head_sizes", "SDPA_TARGETS"]
 
@@ -119,3 +120,22 @@ def attention_head_sizes(ctx: BuildCtx) -> frozenset[int]:
     if "attention_head_sizes" not in cache:
         cache["attention_head_sizes"] = _scan(ctx.node.graph)
     return cache["attention_head_sizes"]
+
+
+def gqa_merge(ctx: BuildCtx, spaces: list[int]) -> int | None:
+    """With ``trace(gqa="query")``: HF's ``repeat_kv`` merges ``(kv heads, copies)`` into the query
+    heads. The merged dim then follows the copies dim (query head ``h * g + c`` is copy ``c``: one unit
+    is the same position in every KV group) and the KV-head dim stays. Returns the index of the
+    copies dim in ``spaces``, or None (default grouping: the KV head owns its block of query heads)."""
+    table = ctx.table
+    copies = table.cache.get("gqa_copies", ()) if table.gqa == "query" else ()
+    at = [i for i, sid in enumerate(spaces) if sid in copies]
+    if not at or not any(table.fed[sid] for i, sid in enumerate(spaces) if i not in at):
+        return None
+    for i, sid in enumerate(spaces):
+        if i != at[0] and table.fed[sid]:
+            ctx.stop(sid, Reason.FIXED_DIM, GQA_QUERY_STOP)
+    return at[0]
+
+
+GQA_QUERY_STOP = "gqa='query': the KV heads stay (each KV group loses the same query-head positions)"

@@ -184,6 +184,10 @@ def expand(ctx: BuildCtx) -> None:
     for d, o, same in _aligned(ctx, x):
         if same:
             ctx.identity(ctx.sp(x, d), ctx.out(o))
+        elif ctx.table.gqa == "query" and ctx.val(x).shape[d] == 1 and d > 0 and ctx.table.fed[ctx.sp(x, d - 1)]:
+            # copies of each KV head (repeat_kv): a dim the merge into query heads may follow, heads.gqa_merge
+            ctx.table.cache.setdefault("gqa_copies", set()).add(ctx.out(o))
+            ctx.table.touch(ctx.out(o))
     couple_size_reads(ctx, _shape_values(ctx.node))
     couple_points(ctx)  # a statistic expanded back over the dim it summarises
 

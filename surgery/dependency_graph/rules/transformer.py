@@ -20,7 +20,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ..context import BuildCtx
+from ..reasons import Reason
 from ._registry import aten_ops, function_rule, lookup
+from .heads import GQA_QUERY_STOP
 
 __all__ = ["sdpa", "addmm", "higher_order_subgraph"]
 
@@ -43,7 +45,11 @@ def _couple_heads(ctx: BuildCtx, t, out, gqa: bool) -> None:
         if shape[d] == oshape[o]:
             ctx.identity(ctx.sp(t, d), ctx.out(o))
         elif gqa and d == len(shape) - 3 and shape[d] > 1 and oshape[o] % shape[d] == 0:
-            ctx.table.block(ctx.sp(t, d), ctx.out(o))
+            if ctx.table.gqa == "query":  # query head h * g + c goes with c of every group; KV heads stay
+                ctx.table.tie_period(ctx.out(o), oshape[o] // shape[d])
+                ctx.stop(ctx.sp(t, d), Reason.FIXED_DIM, GQA_QUERY_STOP)
+            else:
+                ctx.table.block(ctx.sp(t, d), ctx.out(o))
 
 
 def _couple_mask(ctx: BuildCtx, mask, k) -> None:
