@@ -107,6 +107,12 @@ _HF_CONFIGS = {("transformers.configuration_utils", "PreTrainedConfig"),
                ("transformers.generation.configuration_utils", "GenerationConfig")}
 
 
+def _is_save_guard(value) -> bool:
+    from .hf.config import is_save_guard
+
+    return is_save_guard(value)
+
+
 def _is_hf_config(cls: type) -> bool:
     """A ``transformers`` model or generation configuration class (checked by name: transformers is
     not imported)."""
@@ -233,8 +239,8 @@ def _entry(path: str, mod: nn.Module, key_of, unstorable: list[str]) -> dict:
     if hooks:
         unstorable.append(f"{where} has hooks ({', '.join(sorted(hooks))})")
     for k, v in vars(mod).items():
-        if k in _INTERNALS or k in _DERIVED:
-            continue
+        if k in _INTERNALS or k in _DERIVED or (k == "save_pretrained" and _is_save_guard(v)):
+            continue  # surgery's save_pretrained guard of an HF model: set again from its config on load
         try:
             if type(v) is torch.Tensor:
                 entry["tensor_attrs"][k] = key_of(v, prefix + k)
@@ -315,4 +321,9 @@ def data_to_tree(data: dict, tensors: dict[str, torch.Tensor], trust: bool = Fal
         return None, resolve.why
     if "" not in by_path:
         raise ModelLoadError("checkpoint module tree has no root module")
-    return by_path[""], ""
+    root = by_path[""]
+    if getattr(getattr(root, "config", None), "surgery_cannot_save", None):
+        from .hf.config import guard_save
+
+        guard_save(root)
+    return root, ""

@@ -180,6 +180,14 @@ def test_bert_heads_with_hidden_kept_run_as_own_class_and_save_pruned_keeps_them
         ids = example_inputs("bert", batch=batch, seq=seq, seed=batch)[0]
         with torch.no_grad():
             assert torch.equal(again(ids).logits, out(ids).logits)
+    # surgery.save keeps the class too; the rebuilt model refuses save_pretrained for the same reason
+    surgery.save(out, tmp_path / "p.pt")
+    back = surgery.load(tmp_path / "p.pt")
+    assert type(back) is type(out)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, out(ids).logits)
+    with pytest.raises(NonUniformWidths, match="this config ties head_dim to hidden_size / heads"):
+        back.save_pretrained(tmp_path / "again")
 
 
 def test_cli_prune_model_directory_with_text_data(tmp_path):

@@ -273,6 +273,7 @@ def sync_config(model: nn.Module, original: nn.Module | None = None) -> str:
                 if key in config.to_dict() and getattr(config, key, None) != value:
                     setattr(config, key, getattr(cfg, key))
             _copy_scalars(model, fresh)
+            config.__dict__.pop("surgery_cannot_save", None)  # a stock config describes it (again)
             return ""
         return _non_expressible(model, config, widths, common, f"the config cannot describe the pruned shapes ({diff})")
     shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in uneven.items())
@@ -326,6 +327,21 @@ def restore_embed_scale(model: nn.Module) -> None:
         emb.scalar_embed_scale = float(old)
 
 
+def guard_save(model: nn.Module) -> None:
+    """Make ``save_pretrained`` of ``model`` raise :class:`NonUniformWidths` when its config records
+    that no stock config describes it (``config.surgery_cannot_save``, set when it was pruned; a
+    checkpoint that rebuilds the model calls this again, the guard itself is not stored)."""
+    reason = getattr(getattr(model, "config", None), "surgery_cannot_save", None)
+    if isinstance(reason, str) and reason:
+        per_layer = reason.startswith("widths differ between layers")
+        model.save_pretrained = types.MethodType(_refuse_save(reason, per_layer), model)
+
+
+def is_save_guard(value) -> bool:
+    """Whether ``value`` is the ``save_pretrained`` guard :func:`guard_save` installs."""
+    return isinstance(value, types.MethodType) and getattr(value.__func__, "__module__", "") == __name__
+
+
 def _fit_conv1d(model: nn.Module) -> None:
     """GPT-2's ``Conv1D`` keeps its output width as ``nf``: take it from its (in, out) weight."""
     for m in model.modules():
@@ -356,8 +372,8 @@ def _non_expressible(model, config, widths, common, reason: str) -> str:
         setattr(config, name, common["hidden"])
     config.surgery_layer_widths = {k: dict(v) for k, v in widths.items()}
     config.surgery_head_dim = int(common["head_dim"])
-    per_layer = reason.startswith("widths differ between layers")
-    model.save_pretrained = types.MethodType(_refuse_save(reason, per_layer), model)
+    config.surgery_cannot_save = reason
+    guard_save(model)
     warnings.warn(f"surgery: a stock {type(config).__name__} cannot hold this pruned model: {reason}; "
                   f"the model runs, save_pretrained refuses (use policy='uniform' or surgery.hf.save_pruned)", stacklevel=3)
     return reason
