@@ -192,3 +192,24 @@ def test_conv_consumer_is_not_compensated_and_the_plan_says_why():
     (gp,) = p.groups
     assert gp.shift == ()
     assert p.notes[gp.id] == "pruned without bias compensation: 2 is a conv, not a linear (a constant input does not give it a constant output)"
+
+
+def test_head_score_sums_its_columns_fluctuation(llama):
+    """FLAP scores a head by the sum over its ``head_dim`` output-projection columns of
+    Var(X_j) * ||W_{:, j}||^2 (not the head's pooled variance times its columns' norm)."""
+    from surgery.calibration import Calibration
+    from surgery.methods import ScoreContext, get_method
+
+    model, res, _ = llama
+    owner = "model.layers.0.self_attn.o_proj"
+    [(gid, member)] = [(g.id, m) for g in res.graph.groups for site, m in consumers(res.graph, g)
+                       if site.owner == owner and g.prunable]
+    method = get_method("flap")
+    ctx = ScoreContext(model, res.graph, [res.graph.groups[gid]], Calibration(text_calibration("pydoc", model, (_ids(),))))
+    got = method.fn(ctx, **method.resolve()).scores[gid]
+    x = _inputs_of(model, [owner])[owner]
+    w = model.get_submodule(owner).weight.detach().double()
+    per_column = x.var(0, unbiased=False) * w.square().sum(0)
+    want = [float(per_column[cols].sum()) for cols in member.index_map()]
+    pooled = [float(x[:, cols].var(unbiased=False) * w[:, cols].square().sum()) for cols in member.index_map()]
+    assert got.tolist() == pytest.approx(want, rel=1e-6) and got.tolist() != pytest.approx(pooled, rel=1e-3)

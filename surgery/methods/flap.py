@@ -5,10 +5,11 @@ A channel whose input to the next layer barely fluctuates over the tokens can be
 mean: the consumer then adds ``W[:, c] * mean_c`` to its bias and loses nothing else. FLAP scores the
 damage of doing that::
 
-    score_c = sum over consumers L of  Var_tokens(X^L_c) * ||W^L_{:, c}||_2^2
+    score_c = sum over consumers L, over the input columns j of c at L, of  Var_tokens(X^L_j) * ||W^L_{:, j}||_2^2
 
 where ``X^L`` is what consumer ``L`` reads (its input, :mod:`surgery.methods._activations`) and the
-variance is over every calibration token. With ``compensate=True`` (default) the plan carries each
+variance is over every calibration token; an MLP neuron has one column, an attention head sums the
+terms of its ``head_dim`` columns (FLAP's code scores heads that way). With ``compensate=True`` (default) the plan carries each
 removed channel's mean (``GroupPlan.shift``: one value per input column the channel owns, so an
 attention head, or a GQA group of them, carries a mean for each of its output-projection columns) and the rewrite adds ``sum_c W[:, cols(c)] @ mean_c`` to
 every consumer's bias, in both modes (:mod:`surgery.compensation`), so pruned == masked still holds
@@ -31,7 +32,7 @@ from ..roles import consumers
 from ._activations import Observation, observe, plan_observations
 from ._registry import Option, register_method
 from .context import ScoreContext, Scores
-from .wanda import Moments, column_reduce
+from .wanda import Moments
 
 PAPER = "An, Zhao, Yu, Tang, Wang, Fluctuation-based Adaptive Structured Pruning for Large Language Models (FLAP), AAAI 2024"
 
@@ -84,6 +85,31 @@ def _entry_moments(ctx: ScoreContext) -> tuple[dict[int, dict[str, _Entries]], d
     return out, skipped
 
 
+def _fluctuation(ctx: ScoreContext, group, entries: dict) -> np.ndarray:
+    """Per channel: the sum over its input columns ``j`` at every consumer of ``Var(X_j) * ||W_{:,j}||^2``
+    (a head of ``head_dim`` columns sums its columns' terms, as FLAP's code does). A consumer whose
+    weight columns are not the observed entries (a reshaped input) falls back to the channel's pooled
+    variance times its columns' summed squared norm."""
+    total = np.zeros(group.size, dtype=np.float64)
+    for site, member in consumers(ctx.graph, group):
+        e, w = entries.get(site.input), ctx.tensor(site.owner, site.weight)
+        if e is None or w is None:
+            continue
+        dims = [d for d in range(w.dim()) if d != member.dim]
+        norms = (w.detach().double().square().sum(dims) if dims else w.detach().double().square()).cpu()
+        index, units = e.obs.index, e.obs.units
+        if len(member.indices) == len(index) and np.array_equal(np.sort(np.asarray(member.indices)), np.sort(index.numpy())):
+            mean = e.total / max(e.tokens, 1)
+            var = (e.squares / max(e.tokens, 1) - mean.square()).clamp_min(0.0)
+            np.add.at(total, units.numpy(), (var * norms[index]).numpy())
+        else:
+            pooled = e.moments().variance.numpy()
+            col = np.zeros(group.size, dtype=np.float64)
+            np.add.at(col, member.units, norms.numpy()[member.indices])
+            total += col * pooled
+    return total
+
+
 def _why_not_compensated(ctx: ScoreContext, group, entries: dict) -> str:
     if len(entries) != 1:
         return f"read at {len(entries)} different tensors (each has its own mean)"
@@ -104,13 +130,7 @@ def flap(ctx: ScoreContext, compensate: bool):
     for g in ctx.groups:
         if g.id not in observed:
             continue
-        moments = {node: e.moments() for node, e in observed[g.id].items()}
-        total = np.zeros(g.size, dtype=np.float64)
-        for node, col in column_reduce(ctx, g, lambda t, dims: t.square().sum(dims) if dims else t.square()):
-            m = moments.get(node)
-            if m is not None:
-                total += col * m.variance.numpy()
-        scores[g.id] = total
+        scores[g.id] = _fluctuation(ctx, g, observed[g.id])
         if compensate:
             why = _why_not_compensated(ctx, g, observed[g.id])
             if why:
