@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-__all__ = ["POLICIES", "NORMALIZE", "local", "global_", "uniform", "kind_of", "group_ratio", "round_kept", "removable"]
+__all__ = ["POLICIES", "NORMALIZE", "local", "global_", "uniform", "kind_of", "group_ratio", "round_kept", "removable", "nearest_multiple", "lowest"]
 
 POLICIES = ("local", "global", "uniform")
 NORMALIZE = ("mean", "none")
@@ -137,9 +137,25 @@ def round_kept(groups, scores, removed: dict[int, np.ndarray], n: int) -> dict[i
     for g in groups:
         if g.size < n or len(removed.get(g.id, ())) == 0:
             continue  # groups the policy leaves whole stay whole
-        kept = g.size - len(removed[g.id])
-        target = max(n, int(np.floor(kept / n + 0.5)) * n)
-        if target > g.size:
-            target = g.size - g.size % n if g.size % n and kept < g.size else g.size
+        target = nearest_multiple(g.size - len(removed[g.id]), g.size, n)
         out[g.id] = _lowest(np.asarray(scores[g.id], dtype=np.float64), g.size - target)
     return out
+
+
+def nearest_multiple(kept: int, size: int, n: int) -> int:
+    """The multiple of ``n`` nearest ``kept`` (at least ``n``, at most ``size``; ``size`` itself when
+    no multiple fits).
+
+    >>> nearest_multiple(13, 20, 8), nearest_multiple(19, 20, 8), nearest_multiple(3, 5, 8)
+    (16, 16, 5)
+    """
+    if n <= 1 or kept % n == 0:
+        return kept
+    if size < n:
+        return size
+    return min(size - size % n, max(n, int(np.floor(kept / n + 0.5)) * n))
+
+
+def lowest(scores, n: int) -> np.ndarray:
+    """The ``n`` lowest-scored channels, ascending (ties: the first ones)."""
+    return _lowest(np.asarray(scores, dtype=np.float64), n)

@@ -145,19 +145,24 @@ def layer_widths(model: nn.Module, config=None) -> dict[str, dict[str, int]]:
     return out
 
 
-def _hidden_width(model: nn.Module) -> int | None:
-    """Width of the input embedding: a token table's columns, or the output of the first conv /
-    linear inside a patch embedding (ViT)."""
+def hidden_tensor(model: nn.Module) -> tuple[torch.Tensor, int] | None:
+    """``(weight, dim)`` holding the hidden size at the input: a token table's columns, or the output
+    of the first conv / linear inside a patch embedding (ViT)."""
     try:
         emb = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
     if isinstance(emb, nn.Embedding):
-        return int(emb.weight.shape[1])
+        return emb.weight, 1
     for m in (emb.modules() if isinstance(emb, nn.Module) else ()):
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            return int(m.weight.shape[0])
+            return m.weight, 0
     return None
+
+
+def _hidden_width(model: nn.Module) -> int | None:
+    found = hidden_tensor(model)
+    return int(found[0].shape[found[1]]) if found is not None else None
 
 
 def _meta_model(model: nn.Module, config) -> nn.Module:
@@ -309,22 +314,24 @@ def _fold_embed_scale(model: nn.Module, old_hidden: int | None, new_hidden: int)
                 f"hidden size gives {new:g}) and ties them to the output layer, so the factor cannot be folded into the table")
     with torch.no_grad():
         emb.weight = nn.Parameter(emb.weight.detach() * (old / new), requires_grad=emb.weight.requires_grad)
-    emb.embed_scale = torch.tensor(new, dtype=scale.dtype) if isinstance(scale, torch.Tensor) else new
-    if hasattr(emb, "scalar_embed_scale"):
-        emb.scalar_embed_scale = new
+    _set_embed_scale(emb, new)
     return ""
+
+
+def _set_embed_scale(emb: nn.Module, value: float) -> None:
+    """The factor as the embedding holds it: a 0-d buffer or a float (and Gemma's float copy)."""
+    scale = emb.embed_scale
+    emb.embed_scale = torch.tensor(value, dtype=scale.dtype) if isinstance(scale, torch.Tensor) else value
+    if hasattr(emb, "scalar_embed_scale"):
+        emb.scalar_embed_scale = value
 
 
 def restore_embed_scale(model: nn.Module) -> None:
     """Give a model rebuilt from a config that records ``surgery_embed_scale`` that factor back."""
     old = getattr(model.config, "surgery_embed_scale", None)
     emb = model.get_input_embeddings() if old is not None else None
-    scale = getattr(emb, "embed_scale", None)
-    if scale is None:
-        return
-    emb.embed_scale = torch.tensor(float(old), dtype=scale.dtype) if isinstance(scale, torch.Tensor) else float(old)
-    if hasattr(emb, "scalar_embed_scale"):
-        emb.scalar_embed_scale = float(old)
+    if getattr(emb, "embed_scale", None) is not None:
+        _set_embed_scale(emb, float(old))
 
 
 def guard_save(model: nn.Module) -> None:

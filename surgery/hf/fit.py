@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from .. import policies
+from ..policies import nearest_multiple
+
 from .config import (_K, _MLP_IN, _Q, _config_name, _find, _invalid, _meta_model, _out_width, _shapes, _with_widths, blocks,
-                     head_dim_of, moe_widths)
+                     head_dim_of, hidden_tensor, moe_widths)
 
 __all__ = ["HFFit", "fitter"]
 
@@ -44,18 +47,9 @@ def _names(model: nn.Module, tensor, dim: int) -> set[tuple[str, int]]:
 
 
 def _hidden_members(model: nn.Module) -> set[tuple[str, int]]:
-    """(parameter name, dim) of the input embedding's hidden channels: a token table's columns or the
-    first conv / linear's outputs inside a patch embedding."""
-    try:
-        emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return set()
-    if isinstance(emb, nn.Embedding):
-        return _names(model, emb.weight, 1)
-    for m in (emb.modules() if isinstance(emb, nn.Module) else ()):
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            return _names(model, m.weight, 0)
-    return set()
+    """(parameter name, dim) of the input embedding's hidden channels."""
+    found = hidden_tensor(model)
+    return _names(model, *found) if found is not None else set()
 
 
 def _group_of(graph, members: set[tuple[str, int]]) -> int | None:
@@ -101,14 +95,6 @@ def _hidden_followers(model, graph, hidden_gid, known, heads, head_dim, tied) ->
             if all((m.name, m.dim) in shrunk for m in g.members if m.name in params)}
 
 
-def _nearest(kept: int, size: int, step: int) -> int:
-    """The multiple of ``step`` nearest ``kept`` (at least ``step``, at most ``size``; ``size`` itself
-    when no multiple fits)."""
-    if step <= 1 or kept % step == 0:
-        return kept
-    return min(size - size % step, max(step, int(np.floor(kept / step + 0.5)) * step)) if size >= step else size
-
-
 def fitter(model: nn.Module, graph) -> HFFit | None:
     """The :class:`HFFit` for ``model`` (an HF model traced as ``graph``), or None when no group of it
     is a hidden, head or MLP width of a transformer block (then the config is not involved)."""
@@ -152,7 +138,7 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
         size = graph.groups[hidden_gid].size
         keep = size - len(removed.get(hidden_gid, ()))
         if keep == size or not heads:
-            return _nearest(keep, size, align)
+            return nearest_multiple(keep, size, align)
         kept_heads = {(graph.groups[gid].size - len(removed.get(gid, ())) if gid in chosen else graph.groups[gid].size) * per
                       for gid, per in heads.items()}
         if len(kept_heads) != 1:
@@ -161,12 +147,11 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
         if tied:
             return h * head_dim
         step = math.lcm(h if _invalid(_with_widths(config, {"hidden": keep, "heads": h})) else 1, align)
-        want = _nearest(keep, size, step)
+        want = nearest_multiple(keep, size, step)
         return want if not _invalid(_with_widths(config, {"hidden": want, "heads": h})) else None
 
     def lowest(scores, gid: int, kept: int) -> np.ndarray:
-        size = graph.groups[gid].size
-        return np.sort(np.argsort(np.asarray(scores[gid], dtype=np.float64), kind="stable")[: size - kept])
+        return policies.lowest(scores[gid], graph.groups[gid].size - kept)
 
     def fit(groups, scores: dict, removed: dict) -> dict:
         chosen = {g.id for g in groups}
@@ -174,7 +159,7 @@ def fitter(model: nn.Module, graph) -> HFFit | None:
         for gid in aligned & chosen:
             if len(removed.get(gid, ())):
                 size = graph.groups[gid].size
-                out[gid] = lowest(scores, gid, _nearest(size - len(removed[gid]), size, align))
+                out[gid] = lowest(scores, gid, nearest_multiple(size - len(removed[gid]), size, align))
         if hidden_gid not in chosen:
             return {k: v for k, v in out.items() if k not in followers}
         want = hidden_kept(chosen, out)

@@ -62,23 +62,16 @@ def load_pruned(path: str, cls=None) -> nn.Module:
     missing, unexpected = sorted(expected - set(state) - tied), sorted(set(state) - expected)
     if missing or unexpected:
         raise SurgeryError(f"{path}: weights do not match {cls.__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for key, tensor in state.items():
+    placed: dict[str, torch.Tensor] = {}
+    for key in [*state, *tied]:  # a second module holding the same tensor takes the stored one too
         owner_name, _, name = key.rpartition(".")
         module = model.get_submodule(owner_name)
-        if name in module._parameters:
-            module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
-        else:
-            module._buffers[name] = tensor
-    for key in tied:  # a second module holding the same tensor takes the stored one too
-        source = next(a for a in alias[key] if a in state)
-        owner_name, _, name = key.rpartition(".")
-        module = model.get_submodule(owner_name)
-        src_owner, _, src_name = source.rpartition(".")
-        value = getattr(model.get_submodule(src_owner), src_name)
-        if name in module._parameters:
-            module._parameters[name] = value
-        else:
-            module._buffers[name] = value
+        source = key if key in state else next(a for a in alias[key] if a in state)
+        value = placed.get(source)
+        if value is None:
+            value = placed[source] = (nn.Parameter(state[key], requires_grad=module._parameters[name].requires_grad)
+                                      if name in module._parameters else state[key])
+        (module._parameters if name in module._parameters else module._buffers)[name] = value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sync_config(model)
