@@ -35,7 +35,7 @@ from torch import nn
 from . import _allowlist as allow
 from .errors import ModelLoadError, SurgeryError
 
-__all__ = ["encode_value", "decode_value", "graph_to_data", "data_to_graph", "modules_to_data", "data_to_modules"]
+__all__ = ["encode_value", "decode_value", "graph_to_data", "data_to_graph", "module_paths", "modules_to_data", "data_to_modules"]
 
 #: Keys every ``nn.Module`` instance has in its ``__dict__``: handled by ``nn.Module.__init__``.
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
@@ -280,6 +280,19 @@ def modules_to_data(root: nn.Module, key_of: Callable[[torch.Tensor, str], str])
 
 
 _SUBGRAPH = "torch.fx.graph_module.GraphModule"
+
+
+def module_paths(root: nn.Module) -> tuple[set[str], set[str]]:
+    """The submodule paths of ``root`` (what ``call_module`` may call) and those that are stored
+    sub-graphs (what ``get_attr`` may read as a module), for :func:`data_to_graph`."""
+    paths, graphs = set(), set()
+    for p, m in root.named_modules(remove_duplicate=False):
+        if p:
+            paths.add(p)
+            if isinstance(m, torch.fx.GraphModule):
+                graphs.add(p)
+    return paths, graphs
+
 _WRAP_GRAD = getattr(getattr(torch.ops, "higher_order", None), "wrap_with_set_grad_enabled", None)
 
 
@@ -365,9 +378,7 @@ def data_to_modules(entries: list[dict], tensors: dict[str, torch.Tensor]) -> tu
         holder = by_path[path]
         names = {k for k, v in (*holder._parameters.items(), *holder._buffers.items(), *vars(holder).items())
                  if isinstance(v, torch.Tensor)}
-        subs = {p for p, _ in holder.named_modules(remove_duplicate=False) if p}
-        inner = {p for p, m in holder.named_modules(remove_duplicate=False) if p and isinstance(m, torch.fx.GraphModule)}
-        sub = torch.fx.GraphModule(holder, data_to_graph(data, names, subs, inner))
+        sub = torch.fx.GraphModule(holder, data_to_graph(data, names, *module_paths(holder)))
         for at in [path] + [a for a, target in aliases if target == path]:
             parent, _, name = at.rpartition(".")
             by_path[parent]._modules[name] = by_path[at] = sub

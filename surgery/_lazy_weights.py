@@ -77,17 +77,16 @@ class LazyWeights:
 
     ``get(name, like)`` returns the stored tensor (its stored dtype) for the parameter ``name`` of
     ``root`` whose meta tensor is ``like``; a missing key or a shape other than ``like``'s is a
-    :class:`PlanError`. ``reads`` counts the tensors read from the files. Use as a context manager,
+    :class:`PlanError`. Use as a context manager,
     or call ``close()``, to release the memory maps.
     """
 
-    def __init__(self, path, model: nn.Module, root: nn.Module, cache_bytes: int | None = None):
+    def __init__(self, path, model: nn.Module, root: nn.Module):
         from safetensors import SafetensorError, safe_open
 
         self.path = str(os.fspath(path))
         self.model, self.root = model, root
-        self.cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
-        self.reads = 0
+        self.cache_bytes = CACHE_BYTES
         self._open = safe_open
         self._where: dict[str, Path] = {}
         for f in _shards(path):
@@ -100,7 +99,7 @@ class LazyWeights:
         self._handles: dict[Path, object] = {}
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cached = 0
-        self._alias = _aliases(root, model) if root is not model else _aliases(model)
+        self._alias = _aliases(root, model)
         self._rule = self._choose_rule()
 
     def __enter__(self) -> "LazyWeights":
@@ -172,7 +171,6 @@ class LazyWeights:
 
     def _read(self, key: str) -> torch.Tensor:
         """One tensor from the files (the single place a tensor's bytes are read)."""
-        self.reads += 1
         return self._handle(self._where[key]).get_tensor(key)
 
     def get(self, name: str, like: torch.Tensor) -> torch.Tensor:

@@ -290,9 +290,7 @@ def load(path, output: str = "auto", *, trust: bool = False) -> nn.Module:
     try:
         tensors = decode_tensors(spec["tensors"], raw)
         root, tensor_names = codec.data_to_modules(spec["modules"], tensors)
-        module_paths = {p for p, _ in root.named_modules(remove_duplicate=False) if p}
-        graph_paths = {p for p, m in root.named_modules(remove_duplicate=False) if p and isinstance(m, torch.fx.GraphModule)}
-        graph = codec.data_to_graph(spec["graph"], tensor_names, module_paths, graph_paths)
+        graph = codec.data_to_graph(spec["graph"], tensor_names, *codec.module_paths(root))
         name = str(spec["graph"].get("class_name", "GraphModule"))
         gm = torch.fx.GraphModule(root, graph, name if name.isidentifier() else "GraphModule")
         _adopt_tree(root, gm)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -203,9 +202,7 @@ def _save_result(model, out: Path, format: str, meta: dict, example_inputs) -> N
     if is_hf_model(model) and not out.suffix:  # a Hugging Face model into a directory: save_pretrained
         tmp = out.with_name(f".{out.name}.tmp")
         model.save_pretrained(tmp)
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # _check_output refused an existing directory
         return
     try:
         checkpoint.save(model, out, format=format, metadata=meta, example_inputs=example_inputs)
