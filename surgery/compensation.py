@@ -38,7 +38,8 @@ class NewBias:
     nodes: list[str] = field(default_factory=list)  # fx nodes of the linear calls
 
 
-def _owner(root: nn.Module, owner: str) -> nn.Module:
+def owner_module(root: nn.Module, owner: str) -> nn.Module:
+    """The module ``owner`` names under ``root`` (``""``: the root itself)."""
     return root.get_submodule(owner) if owner else root
 
 
@@ -51,7 +52,7 @@ def why_not(graph, site) -> str:
         return ""
     if site.kind == "linearT":
         return f"{who} adds a bias that is not a parameter"
-    if getattr(_owner(graph.root, site.owner), "bias", None) is not None:
+    if getattr(owner_module(graph.root, site.owner), "bias", None) is not None:
         return f"{who} has a 'bias' its linear call does not add"
     return ""
 
@@ -78,7 +79,7 @@ def shift_biases(graph, gp, out: dict, added: dict) -> None:
         if why:
             raise RewriteError(f"cannot compensate group {gp.id} into {site.owner or 'the model'}: {why}")
         lists = member.index_map()
-        w = getattr(_owner(graph.root, site.owner), site.weight).detach()
+        w = getattr(owner_module(graph.root, site.owner), site.weight).detach()
         delta = torch.zeros(w.shape[site.out_dim], dtype=torch.float64)
         for c, mean in gp.shift:
             cols = sorted(lists[c]) if c < len(lists) else []
@@ -94,7 +95,7 @@ def shift_biases(graph, gp, out: dict, added: dict) -> None:
                 delta += float(mean) * block.sum(1)
         if site.bias is not None:
             key = (site.owner, site.bias)
-            base = out.get(key, getattr(_owner(graph.root, site.owner), site.bias)).detach()
+            base = out.get(key, getattr(owner_module(graph.root, site.owner), site.bias)).detach()
             out[key] = (base.double() + delta).to(base.dtype)
             continue
         key = (site.owner, "bias")
@@ -126,8 +127,8 @@ def install_graph(gm: torch.fx.GraphModule, added: dict, values: dict) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for key, new in added.items():
         owner, name = key
-        weight = getattr(_owner(gm, owner), new.weight)
-        _owner(gm, owner).register_parameter(name, nn.Parameter(values[key].clone(), requires_grad=weight.requires_grad))
+        weight = getattr(owner_module(gm, owner), new.weight)
+        owner_module(gm, owner).register_parameter(name, nn.Parameter(values[key].clone(), requires_grad=weight.requires_grad))
         for node_name in dict.fromkeys(new.nodes):
             node = nodes[node_name]
             if node.op == "call_module":
@@ -142,7 +143,7 @@ def install_graph(gm: torch.fx.GraphModule, added: dict, values: dict) -> None:
 def install_module(model: nn.Module, values: dict) -> str:
     """Give the module-tree copy ``model`` its new biases (``""``), or say why it cannot."""
     for (owner, name), t in values.items():
-        m = _owner(model, owner)
+        m = owner_module(model, owner)
         if not isinstance(m, nn.Linear) or name != "bias" or m.bias is not None:
             return f"{owner or 'the model'} takes a compensation bias but is not a torch.nn.Linear without one"
         m.bias = nn.Parameter(t.clone(), requires_grad=m.weight.requires_grad)

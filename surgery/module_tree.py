@@ -22,17 +22,13 @@ import copy
 import torch
 from torch import nn
 
-from .compensation import install_module
+from .compensation import install_module, owner_module
 from .dependency_graph import DependencyGraph
 from .dependency_graph.context import RewriteCtx
 from .dependency_graph.rules import lookup
 from .dependency_graph.tracing import eval_mode
 
 __all__ = ["build", "check", "refresh_attributes", "output_tensors"]
-
-
-def _owner(model: nn.Module, owner: str) -> nn.Module:
-    return model.get_submodule(owner) if owner else model
 
 
 def refresh_attributes(module: nn.Module) -> bool:
@@ -119,7 +115,7 @@ def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, f
     tensors = {}
     for owner, name in {**per_tensor, **folded}:
         try:
-            tensors[(owner, name)] = getattr(_owner(model, owner), name)
+            tensors[(owner, name)] = getattr(owner_module(model, owner), name)
         except AttributeError:
             return None, f"the traced graph names a tensor {owner}.{name} that the model does not have"
         if not isinstance(tensors[(owner, name)], torch.Tensor):
@@ -150,7 +146,7 @@ def build(model: nn.Module, graph: DependencyGraph, removed, per_tensor: dict, f
     for owner in sorted(owners):
         # torch.nn layers get their size attributes from their tensors; any other module keeps its
         # attributes, and ``check`` decides whether its forward still agrees with the pruned graph
-        refresh_attributes(_owner(out, owner))
+        refresh_attributes(owner_module(out, owner))
     from .hf import is_hf_model, sync_config
 
     if is_hf_model(out):  # config and config-derived attributes follow the new widths (surgery.hf)

@@ -17,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from . import compensation, module_tree
+from .compensation import owner_module
 from ._provenance import remember_inputs
 from .dependency_graph import DependencyGraph
 from .dependency_graph import trace as trace_graph
@@ -30,10 +31,6 @@ __all__ = ["apply", "apply_to_graph", "MODES", "OUTPUTS"]
 
 MODES = ("prune", "mask")
 OUTPUTS = ("auto", "module", "graph")
-
-
-def _owner(gm: nn.Module, owner: str) -> nn.Module:
-    return gm.get_submodule(owner) if owner else gm
 
 
 def _kept_dims(graph: DependencyGraph, removed: np.ndarray) -> dict[tuple[str, str], list[tuple[int, np.ndarray]]]:
@@ -89,7 +86,7 @@ def _folded(graph: DependencyGraph, plan: Plan) -> tuple[dict[tuple[str, str], t
             if key in done:
                 continue
             done.add(key)
-            base = out.get(key, getattr(_owner(graph.root, site.owner), site.weight))
+            base = out.get(key, getattr(owner_module(graph.root, site.owner), site.weight))
             out[key] = _fold_tensor(base, member, gp.keep, fold)
     return out, added
 
@@ -101,7 +98,7 @@ def _sliced_copies(gm: nn.Module, per_tensor, folded) -> dict[int, torch.Tensor]
     with torch.no_grad():
         for key in {**per_tensor, **folded}:
             owner, name = key
-            old = getattr(_owner(gm, owner), name)
+            old = getattr(owner_module(gm, owner), name)
             new = folded.get(key, old.detach())
             for dim, kept in per_tensor.get(key, ()):
                 new = new.index_select(dim, torch.from_numpy(np.flatnonzero(kept)))
@@ -115,9 +112,9 @@ def _zero_removed(gm: nn.Module, per_tensor, folded) -> None:
     (buffers are statistics, left as is)."""
     with torch.no_grad():
         for (owner, name), value in folded.items():
-            getattr(_owner(gm, owner), name).copy_(value)
+            getattr(owner_module(gm, owner), name).copy_(value)
         for (owner, name), dims in per_tensor.items():
-            t = getattr(_owner(gm, owner), name)
+            t = getattr(owner_module(gm, owner), name)
             if isinstance(t, nn.Parameter):
                 for dim, kept in dims:
                     t.index_fill_(dim, torch.from_numpy(np.flatnonzero(~kept)), 0.0)

@@ -53,24 +53,17 @@ class _Entries:
         self.total += a.sum((0, 1)).cpu()
         self.squares += (a * a).sum((0, 1)).cpu()
 
-    def moments(self) -> Moments:
-        """Per group channel, its entries pooled (the channel's values over every token)."""
-        units = self.obs.units
-
-        def pool(t: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(self.obs.size, dtype=torch.float64).index_add_(0, units, t)
-
-        count = torch.bincount(units, minlength=self.obs.size).double() * self.tokens
-        return Moments(count, pool(self.total), pool(self.squares))
+    def stats(self) -> Moments:
+        """Per entry: its token count, sum and sum of squares (mean and variance over the tokens)."""
+        return Moments(torch.full_like(self.total, float(self.tokens)), self.total, self.squares)
 
     def means(self) -> list:
         """Per group channel: its mean, one value per entry it owns (ascending entry index, the order
-        of the consumer's weight columns); a float for a channel of one entry."""
-        mean = (self.total / max(self.tokens, 1)).tolist()
-        per: list[list[tuple[int, float]]] = [[] for _ in range(self.obs.size)]
-        for k, (e, u) in enumerate(zip(self.obs.index.tolist(), self.obs.units.tolist())):
-            per[u].append((e, mean[k]))
-        return [float(v[0][1]) if len(v) == 1 else tuple(m for _, m in sorted(v)) for v in per]
+        of the consumer's weight columns: ``obs.index`` is ascending); a float for a channel of one entry."""
+        per: list[list[float]] = [[] for _ in range(self.obs.size)]
+        for u, m in zip(self.obs.units.tolist(), self.stats().mean.tolist()):
+            per[u].append(m)
+        return [float(v[0]) if len(v) == 1 else tuple(v) for v in per]
 
 
 def _entry_moments(ctx: ScoreContext) -> tuple[dict[int, dict[str, _Entries]], dict[int, str]]:
@@ -97,16 +90,9 @@ def _fluctuation(ctx: ScoreContext, group, entries: dict) -> np.ndarray:
             continue
         dims = [d for d in range(w.dim()) if d != member.dim]
         norms = (w.detach().double().square().sum(dims) if dims else w.detach().double().square()).cpu()
-        index, units = e.obs.index, e.obs.units
-        if len(member.indices) == len(index) and np.array_equal(np.sort(np.asarray(member.indices)), np.sort(index.numpy())):
-            mean = e.total / max(e.tokens, 1)
-            var = (e.squares / max(e.tokens, 1) - mean.square()).clamp_min(0.0)
-            np.add.at(total, units.numpy(), (var * norms[index]).numpy())
-        else:
-            pooled = e.moments().variance.numpy()
-            col = np.zeros(group.size, dtype=np.float64)
-            np.add.at(col, member.units, norms.numpy()[member.indices])
-            total += col * pooled
+        # an observation is taken at the consumer's input along its contracting dim: its entries are
+        # exactly the weight's columns of the group (``_activations.observations``)
+        np.add.at(total, e.obs.units.numpy(), (e.stats().variance * norms[e.obs.index]).numpy())
     return total
 
 
